@@ -1,0 +1,1 @@
+"""SpeciaRL in JAX."""
