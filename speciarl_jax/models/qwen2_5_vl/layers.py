@@ -1,0 +1,66 @@
+"""Building blocks shared by the vision tower and the language model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Large negative instead of -inf, so that a fully masked row (a padding query) stays finite.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def linear(in_features, out_features, axes, *, bias, dtype, param_dtype, rngs) -> nnx.Linear:
+    """An nnx.Linear whose kernel [in, out] and bias [out] carry logical axis names for sharding."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_metadata(nnx.initializers.normal(0.02), logical_axes=axes),
+        bias_init=nnx.with_metadata(nnx.initializers.zeros_init(), logical_axes=(axes[1],)),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, axis: str = "norm"):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis,))
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim, hidden, *, bias, axes=("embed", "mlp"), dtype, param_dtype, rngs):
+        kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(dim, hidden, axes, **kw)
+        self.up_proj = linear(dim, hidden, axes, **kw)
+        self.down_proj = linear(hidden, dim, axes[::-1], **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attend(q, k, v, mask, scale: float):
+    """Softmax attention with grouped key/value heads.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask: [B or 1, T, S] (True = attend).
+    Scores and softmax in float32. Returns [B, T, H * D].
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * d)

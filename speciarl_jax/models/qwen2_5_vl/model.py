@@ -1,0 +1,148 @@
+"""Qwen2.5-VL for conditional generation: vision tower + decoder + lm_head, with an optional KV cache."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from .config import Qwen25VLConfig
+from .rope import get_position_ids, mrope_cos_sin
+from .text import TextModel
+from .vision import VisionTower
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values, each [B, S, num_kv_heads, head_dim]."""
+
+    keys: tuple
+    values: tuple
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: jax.Array | None  # [B, T, vocab], float32
+    hidden_states: jax.Array  # [B, T, D], after the final norm
+    cache: KVCache | None = None
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class Qwen25VL(nnx.Module):
+    """Qwen2_5_VLForConditionalGeneration in Flax NNX.
+
+    Args:
+      config: the model configuration.
+      dtype: compute dtype; param_dtype: storage dtype of the weights (defaults to dtype).
+      remat: recompute each block's activations in the backward pass (gradient checkpointing).
+    """
+
+    def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None, remat=False, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.config = config
+        self.dtype = dtype
+        self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                config.text.hidden_size, config.text.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=nnx.with_metadata(nnx.initializers.normal(0.02), logical_axes=("embed", "vocab")), rngs=rngs,
+            )
+
+    # ---- pieces, usable on their own (the sampler reuses image features across samples) ----
+
+    def encode_images(self, pixel_values, image_grid_thw):
+        """[num_patches, patch_dim] -> [num_image_tokens, hidden]."""
+        return self.visual(jnp.asarray(pixel_values), image_grid_thw)
+
+    def embed(self, input_ids, image_features=None):
+        """Token embeddings [B, T, D] with image features written into the image-token slots, in reading order."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        if image_features is None:
+            return embeds
+        is_image = input_ids == self.config.image_token_id
+        if _is_concrete(is_image) and int(is_image.sum()) != image_features.shape[0]:
+            raise ValueError(
+                f"The prompts hold {int(is_image.sum())} image tokens but the images give "
+                f"{image_features.shape[0]} features; each <|image_pad|> run must match its image grid."
+            )
+        slot = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, image_features.shape[0] - 1)
+        scattered = image_features[slot].reshape(embeds.shape).astype(embeds.dtype)
+        return jnp.where(is_image[..., None], scattered, embeds)
+
+    def logits(self, hidden):
+        """float32 logits [..., vocab] from final hidden states."""
+        if self.config.tie_word_embeddings:
+            table = self.language_model.embed_tokens.embedding[...]
+            return jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        kernel = self.lm_head.kernel[...]
+        return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+        t = self.config.text
+        shape = (batch, length, t.num_key_value_heads, t.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(t.num_hidden_layers))  # noqa: E731
+        return KVCache(zeros(), zeros())
+
+    def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None):
+        """3-D positions [3, B, T] and rope deltas [B] (host-side; see rope.get_position_ids)."""
+        return get_position_ids(input_ids, attention_mask, image_grid_thw, config=self.config)
+
+    # ---- the forward pass ----
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        position_ids=None,
+        *,
+        image_features=None,
+        cache: KVCache | None = None,
+        cache_pos=0,
+        compute_logits: bool = True,
+        mm_token_type_ids=None,  # returned by transformers' processor; positions come from the token ids instead
+    ) -> ModelOutput:
+        """Logits for a batch of (left- or right-) padded image-and-text rows.
+
+        input_ids [B, T]; attention_mask [B, T] without a cache, or [B, S] over the cache slots with one;
+        pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] as the processor returns them
+        (or precomputed `image_features`); position_ids [3, B, T], computed from the token ids when omitted.
+        With a cache, the T new tokens occupy slots cache_pos .. cache_pos + T - 1.
+        """
+        del mm_token_type_ids
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            if cache is not None:
+                raise ValueError("A cached forward needs attention_mask [B, cache_length] marking the filled slots.")
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if position_ids is None:
+            if cache is not None and not (isinstance(cache_pos, int) and cache_pos == 0):
+                raise ValueError("Decoding steps need explicit position_ids (prompt positions + rope delta).")
+            if not (_is_concrete(input_ids) and _is_concrete(attention_mask)):
+                raise ValueError("position_ids must be passed when the model runs under jit (compute them on the host).")
+            position_ids, _ = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        if pixel_values is not None and image_features is None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values were given without image_grid_thw.")
+            image_features = self.encode_images(pixel_values, image_grid_thw)
+        x = self.embed(input_ids, image_features)
+        cos, sin = mrope_cos_sin(jnp.asarray(position_ids), self.config, dtype=jnp.float32)
+        mask = _attention_mask(jnp.asarray(attention_mask), input_ids.shape[1], cache_pos if cache is not None else 0)
+        hidden, cache = self.language_model(x, cos, sin, mask, cache, cache_pos)
+        logits = self.logits(hidden) if compute_logits else None
+        return ModelOutput(logits=logits, hidden_states=hidden, cache=cache)
+
+
+def _attention_mask(key_valid, num_queries, first_slot):
+    """[B, T, S] boolean: query i (in slot first_slot + i) sees key slot j when j <= its slot and j holds a token."""
+    q_slot = first_slot + jnp.arange(num_queries)
+    k_slot = jnp.arange(key_valid.shape[1])
+    causal = k_slot[None, :] <= q_slot[:, None]
+    return causal[None] & key_valid.astype(bool)[:, None, :]
