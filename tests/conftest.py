@@ -1,5 +1,39 @@
-"""Shared test set-up."""
-from absl import flags
+"""Shared test set-up: 8 fake CPU devices, absl flags, and the tiny random Qwen2.5-VL checkpoint."""
+
+import os
+
+# Must happen before jax is imported anywhere: sharding tests run on 8 simulated CPU devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Path of a tiny random Qwen2.5-VL Hugging Face folder (untied lm_head), built once per session."""
+    from speciarl_jax.models.qwen2_5_vl.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen"))
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_checkpoint):
+    from speciarl_jax.processing import Processor
+
+    return Processor.from_pretrained(tiny_checkpoint)
+
+
+def load_reference(path):
+    """transformers' PyTorch Qwen2.5-VL in float32 with eager attention: the oracle for parity tests."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32
+    ).eval()

@@ -162,14 +162,8 @@ def from_pretrained(
         if mismatched:
             lines.append(f"{len(mismatched)} tensors with the wrong shape: {_preview(mismatched)}")
         raise ValueError("\n  ".join(lines))
-    flat = [(p, _with_value(v, loaded[p])) for p, v in nnx.to_flat_state(state)]
+    flat = [(p, v.replace(loaded[p])) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _with_value(var, value):
-    var = var.copy() if hasattr(var, "copy") else var
-    var.value = value
-    return var
 
 
 def _place(tensor: np.ndarray, dtype, var, mesh, rules):
@@ -201,7 +195,7 @@ def save_pretrained(
     target = None if dtype is None else np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     tensors: dict[str, np.ndarray] = {}
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        array = np.asarray(jax.device_get(var.value))
+        array = np.asarray(jax.device_get(var[...]))
         tensors[hf_key(p)] = np.ascontiguousarray(to_hf(p, array if target is None else array.astype(target), config))
     shards = _split_shards(tensors, max_shard_bytes)
     for name in os.listdir(folder):  # stale shards from an earlier save would confuse loaders
