@@ -46,6 +46,7 @@ from speciarl_jax.verifier.cache import VerdictCache
 from speciarl_jax.verifier.prompts import JSON_SCHEMA_RESPONSE_FORMAT, PROMPTS, build_messages
 
 _RETRYABLE_STATUS = (408, 409, 429)
+_CONNECTIONS_PER_CLIENT = 16
 _THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
@@ -75,6 +76,15 @@ def parse_reply(content: str | None) -> str | None:
     if isinstance(data, dict) and isinstance(data.get("category"), str):
         return cat.coerce_verdict(data["category"])
     return None
+
+
+def _message_content(reply: Any) -> str | None:
+    """choices[0].message.content of a chat-completion body, or None if it has another shape."""
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -111,7 +121,12 @@ class _LoopThread:
     """An asyncio loop running forever in a daemon thread; `run` blocks until a coroutine is done."""
 
     def __init__(self):
-        self.loop = asyncio.new_event_loop()
+        try:  # uvloop (installed with orbax-checkpoint) roughly halves the loop's own overhead
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="verifier-loop", daemon=True)
         self._thread.start()
 
@@ -134,42 +149,57 @@ class OpenAIVerifier(Verifier):
         if cache is None and config.cache_path:
             cache = VerdictCache(config.cache_path, config.model, self.prompt.cache_name)
         self.cache = cache
-        self._request_options = self._constraint_options()
+        self._body_extras = self._constraint_fields()
         self._runner = _LoopThread()
-        self._client = self._runner.run(self._make_client(api_key))
+        self._clients, self._slots = self._runner.run(self._make_clients(api_key))
 
     def __repr__(self) -> str:
         return f"OpenAIVerifier(base_url={self.config.base_url!r}, model={self.config.model!r})"
 
-    async def _make_client(self, api_key: str) -> openai.AsyncOpenAI:
-        # Built on the loop thread, so the connection pool belongs to the loop that uses it.
-        limits_type = type(openai.DEFAULT_CONNECTION_LIMITS)  # httpx(2).Limits, whichever openai ships
-        limits = limits_type(max_connections=self.config.concurrency,
-                             max_keepalive_connections=self.config.concurrency)
-        http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.config.timeout_s)
-        return openai.AsyncOpenAI(base_url=self.config.base_url, api_key=api_key, max_retries=0,
-                                  timeout=self.config.timeout_s, http_client=http_client)
+    async def _make_clients(self, api_key: str) -> tuple[list[openai.AsyncOpenAI], asyncio.Queue]:
+        """Clients with small connection pools, and a queue holding one slot per allowed request.
 
-    def _constraint_options(self) -> dict[str, Any]:
-        extra_body: dict[str, Any] = {}
-        options: dict[str, Any] = {}
+        Built on the loop thread, so pools and queue belong to the loop that uses them.
+        The HTTP pool scans all its connections for every request, which costs more
+        than the request itself at a few hundred connections; several small pools keep
+        that scan short. Taking a slot from the queue both bounds concurrency and
+        picks a client with a free connection.
+        """
+        shards = -(-self.config.concurrency // _CONNECTIONS_PER_CLIENT)
+        sizes = [len(range(i, self.config.concurrency, shards)) for i in range(shards)]
+        limits_type = type(openai.DEFAULT_CONNECTION_LIMITS)  # httpx(2).Limits, whichever openai ships
+        clients = []
+        slots: asyncio.Queue = asyncio.Queue()
+        for size in sizes:
+            http_client = openai.DefaultAsyncHttpxClient(
+                limits=limits_type(max_connections=size, max_keepalive_connections=size),
+                timeout=self.config.timeout_s)
+            client = openai.AsyncOpenAI(base_url=self.config.base_url, api_key=api_key, max_retries=0,
+                                        timeout=self.config.timeout_s, http_client=http_client)
+            clients.append(client)
+            for _ in range(size):
+                slots.put_nowait(client)
+        return clients, slots
+
+    def _constraint_fields(self) -> dict[str, Any]:
+        """Request fields that hold the output to the six labels and switch thinking off."""
+        fields: dict[str, Any] = {}
         labels = list(cat.VERDICTS)
         if self.config.guided == "structured_choice":
-            extra_body["structured_outputs"] = {"choice": labels}
+            fields["structured_outputs"] = {"choice": labels}
         elif self.config.guided == "guided_choice":
-            extra_body["guided_choice"] = labels
+            fields["guided_choice"] = labels
         elif self.config.guided == "json_schema":
-            options["response_format"] = JSON_SCHEMA_RESPONSE_FORMAT
+            fields["response_format"] = JSON_SCHEMA_RESPONSE_FORMAT
         if self.config.disable_thinking:
-            extra_body["chat_template_kwargs"] = {"enable_thinking": False}
-        if extra_body:
-            options["extra_body"] = extra_body
-        return options
+            fields["chat_template_kwargs"] = {"enable_thinking": False}
+        return fields
 
     def close(self) -> None:
         if self._runner is None:
             return
-        self._runner.run(self._client.close())
+        for client in self._clients:
+            self._runner.run(client.close())
         self._runner.stop()
         self._runner = None
         if self.cache is not None:
@@ -218,11 +248,8 @@ class OpenAIVerifier(Verifier):
 
     async def _ask_all(self, pairs: Sequence[NormalizedPair], stats: ClassifyStats,
                        answers: dict[NormalizedPair, str], invalid: list) -> None:
-        semaphore = asyncio.Semaphore(self.config.concurrency)
-
         async def ask(pair: NormalizedPair) -> None:
-            async with semaphore:
-                answers[pair] = await self._ask(pair, stats, invalid)
+            answers[pair] = await self._ask(pair, stats, invalid)
 
         try:
             async with asyncio.TaskGroup() as group:  # the first VerifierError cancels the rest
@@ -259,17 +286,19 @@ class OpenAIVerifier(Verifier):
 
     async def _complete(self, messages: list[dict[str, str]], stats: ClassifyStats) -> str | None:
         """One completion's text, retrying transient failures; raises _GaveUp when they run out."""
+        body = {"model": self.config.model, "messages": messages, "temperature": 0.0,
+                "max_tokens": self.config.max_tokens, **self._body_extras}
         attempt = 0
         while True:
-            stats.llm_requests += 1
             wait = None
+            client = await self._slots.get()  # waits while `concurrency` requests are in flight
             try:
-                completion = await self._client.chat.completions.create(
-                    model=self.config.model, messages=messages, temperature=0.0,
-                    max_tokens=self.config.max_tokens, **self._request_options)
-                choices = getattr(completion, "choices", None) or []
-                message = getattr(choices[0], "message", None) if choices else None
-                return getattr(message, "content", None)
+                stats.llm_requests += 1
+                # `post` is the client's documented route for raw requests: same auth, errors
+                # and timeouts as chat.completions.create, without re-validating the request
+                # and response through typed models, which costs more CPU than the HTTP itself.
+                reply = await client.post("/chat/completions", body=body, cast_to=dict)
+                return _message_content(reply)
             except openai.APIStatusError as error:
                 status = error.status_code
                 if status not in _RETRYABLE_STATUS and status < 500:
@@ -283,6 +312,8 @@ class OpenAIVerifier(Verifier):
                 problem = f"connection failed ({type(cause).__name__ if cause else 'unknown'}: {cause})"
             except (openai.APIResponseValidationError, ValueError):
                 return None  # a body that is not a chat completion counts as an invalid reply
+            finally:
+                self._slots.put_nowait(client)
 
             if attempt >= self.config.max_retries:
                 raise _GaveUp(problem, attempt + 1)

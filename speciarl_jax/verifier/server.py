@@ -96,7 +96,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         owner = self.server.owner
         body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        index = owner._count_request()
+        index = owner._enter()
+        try:
+            self._answer(owner, index, body)
+        finally:
+            owner._leave()
+
+    def _answer(self, owner: "LoopbackVerifierServer", index: int, body: bytes) -> None:
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
             return self._error(404, f"no route {self.path}")
         if owner.api_key is not None and self.headers.get("Authorization") != f"Bearer {owner.api_key}":
@@ -168,7 +174,9 @@ class LoopbackVerifierServer:
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self.requests = 0
+        self.requests = 0  # chat-completion requests received
+        self.in_flight = 0
+        self.max_in_flight = 0  # most requests handled at the same moment
         self.fault_counts: collections.Counter[str] = collections.Counter()
         self.recent_requests: collections.deque[dict] = collections.deque(maxlen=keep_requests)
 
@@ -207,11 +215,17 @@ class LoopbackVerifierServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _count_request(self) -> int:
+    def _enter(self) -> int:
         with self._lock:
             index = self.requests
             self.requests += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return index
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def _count_fault(self, fault: str) -> None:
         with self._lock:
