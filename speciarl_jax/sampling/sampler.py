@@ -1,0 +1,250 @@
+"""Batched multimodal generation with a KV cache.
+
+One call runs three kinds of compiled programs:
+  1. the vision tower, once per prompt image (images sharing a patch grid are encoded together);
+  2. the prefill, once per prompt (not per sample): its KV cache and last logits are then repeated
+     for the n samples of that prompt;
+  3. the decode loop, a single `lax.while_loop` that samples a token for every row, feeds it back through
+     the cache and stops when every row has produced an end token or the length budget is spent.
+Shapes are rounded up to buckets (prompt length, rows, image tokens) so a training run compiles a small,
+bounded set of programs; each program is traced once and `Sampler.compilations` counts the traces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import parallel
+from ..models.qwen2_5_vl.rope import get_position_ids
+from .distributions import SamplingParams, choose_tokens
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Generated responses, rows prompt-major (the samples of prompt 0 first).
+
+    tokens [N, L]: sampled tokens, `pad_token_id` after the end token.
+    logprobs [N, L]: log-probability of each token under the distribution sampled from (0 after the end).
+    policy_logprobs [N, L]: log-probability under the raw policy (temperature 1, no filtering).
+    lengths [N]: number of generated tokens, the end token included.
+    response_mask [N, L]: 1 on the generated tokens, the end token included.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    policy_logprobs: np.ndarray
+    lengths: np.ndarray
+    response_mask: np.ndarray
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
+
+
+class Sampler:
+    """Compiled-program cache around a model. Reuse one Sampler across steps; pass the current weights each call.
+
+    Args:
+      prompt_bucket: prompt lengths are left-padded up to a multiple of this.
+      image_token_bucket: the image-feature table is padded up to a multiple of this many rows.
+      mesh: if given, rows are sharded over its batch axes (`data`, `fsdp`).
+    """
+
+    def __init__(self, *, prompt_bucket: int = 64, image_token_bucket: int = 256, mesh=None):
+        self.prompt_bucket = prompt_bucket
+        self.image_token_bucket = image_token_bucket
+        self.mesh = mesh
+        self.compilations = 0
+        self._encode = jax.jit(self._encode_impl, static_argnums=(0, 3))
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(0,))
+        self._decode = jax.jit(self._decode_impl, static_argnums=(0, 8, 9, 10, 11))
+
+    # ---- compiled pieces (graphdef and shapes are static; `self.compilations` counts traces) ----
+
+    def _encode_impl(self, graphdef, state, pixels, grid):
+        self.compilations += 1
+        model = nnx.merge(graphdef, state)
+        return model.visual.encode_same_grid(pixels, grid)
+
+    def _prefill_impl(self, graphdef, state, input_ids, slots, positions, features):
+        self.compilations += 1
+        model = nnx.merge(graphdef, state)
+        cache = model.init_cache(input_ids.shape[0], slots.shape[1])
+        out = model(input_ids, slots, position_ids=positions, image_features=features, cache=cache,
+                    cache_pos=0, compute_logits=False)
+        return out.cache, model.logits(out.hidden_states[:, -1])
+
+    def _decode_impl(self, graphdef, state, cache, slots, last_logits, next_position, rng, eos_ids,
+                     prompt_len, max_new_tokens, params, pad_id):
+        self.compilations += 1
+        model = nnx.merge(graphdef, state)
+        rows = last_logits.shape[0]
+        init = dict(
+            step=jnp.int32(0),
+            tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
+            logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+            policy_logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+            done=jnp.zeros((rows,), bool),
+            lengths=jnp.zeros((rows,), jnp.int32),
+            cache=cache,
+            slots=slots,
+            logits=last_logits,
+        )
+
+        def keep_going(s):
+            return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+        def one_token(s):
+            step = s["step"]
+            token, logp, raw = choose_tokens(s["logits"], jax.random.fold_in(rng, step), params)
+            live = ~s["done"]
+            token = jnp.where(live, token, pad_id)
+            column = lambda a, v: jax.lax.dynamic_update_slice(a, v[:, None], (0, step))  # noqa: E731
+            slots_now = jax.lax.dynamic_update_slice(s["slots"], live[:, None].astype(s["slots"].dtype),
+                                                     (0, prompt_len + step))
+            position = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
+            out = model(token[:, None], slots_now, position_ids=position, cache=s["cache"],
+                        cache_pos=prompt_len + step, compute_logits=False)
+            return dict(
+                step=step + 1,
+                tokens=column(s["tokens"], token),
+                logprobs=column(s["logprobs"], jnp.where(live, logp, 0.0)),
+                policy_logprobs=column(s["policy_logprobs"], jnp.where(live, raw, 0.0)),
+                done=s["done"] | (live & jnp.isin(token, eos_ids)),
+                lengths=s["lengths"] + live.astype(jnp.int32),
+                cache=out.cache,
+                slots=slots_now,
+                logits=model.logits(out.hidden_states[:, 0]),
+            )
+
+        final = jax.lax.while_loop(keep_going, one_token, init)
+        return final["tokens"], final["logprobs"], final["policy_logprobs"], final["lengths"]
+
+    # ---- host-side orchestration ----
+
+    def generate(self, model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
+                 max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 num_samples: int = 1, eos_token_ids=None, rng=None, pad_token_id: int | None = None,
+                 ) -> SampleOutput:
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        config = model.config
+        input_ids = np.asarray(input_ids, np.int32)
+        attention_mask = np.asarray(attention_mask, np.int32)
+        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+            raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be [B, T].")
+        if (attention_mask[:, -1] == 0).any():
+            raise ValueError("Prompts must be left-padded (the last column is padding in some rows).")
+        if max_new_tokens < 1 or num_samples < 1:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) and num_samples ({num_samples}) must be >= 1.")
+        eos = tuple(config.eos_token_ids if eos_token_ids is None else np.atleast_1d(eos_token_ids).tolist())
+        if not eos:
+            raise ValueError("No end-of-sequence token: pass eos_token_ids or set eos_token_id in the config.")
+        if pad_token_id is None:
+            pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos[0]
+        pad_id = int(pad_token_id)
+        rng = jax.random.key(0) if rng is None else rng
+
+        graphdef, state = nnx.split(model)
+        batch = input_ids.shape[0]
+        positions, deltas = get_position_ids(input_ids, attention_mask, image_grid_thw, config=config)
+        real = attention_mask.sum(axis=1)
+
+        # Buckets: pad rows (all-padding prompts) and left-pad columns.
+        shards = self._batch_shards()
+        rows = _round_up(_next_power_of_two(batch), shards)
+        length = _round_up(input_ids.shape[1], self.prompt_bucket)
+        pad_rows, pad_cols = rows - batch, length - input_ids.shape[1]
+        ids = np.pad(input_ids, ((0, pad_rows), (pad_cols, 0)), constant_values=pad_id)
+        mask = np.pad(attention_mask, ((0, pad_rows), (pad_cols, 0)))
+        positions = np.pad(positions, ((0, 0), (0, pad_rows), (pad_cols, 0)))
+        next_position = np.pad(real + deltas, (0, pad_rows)).astype(np.int32)
+
+        features = None
+        if pixel_values is not None:
+            features = self._image_features(graphdef, state, pixel_values, image_grid_thw)
+        slots = np.concatenate([mask, np.zeros((rows, max_new_tokens), np.int32)], axis=1)
+        cache, last_logits = self._prefill(graphdef, state, *self._shard(ids, slots, positions, axis=(0, 0, 1)),
+                                           features)
+
+        # Every sample of a prompt starts from that prompt's cache.
+        expand = lambda a: jnp.repeat(a, num_samples, axis=0)  # noqa: E731
+        cache, last_logits = jax.tree.map(expand, cache), expand(last_logits)
+        slots, next_position = np.repeat(slots, num_samples, 0), np.repeat(next_position, num_samples, 0)
+        slots, next_position = self._shard(slots, next_position, axis=(0, 0))
+        tokens, logprobs, policy_logprobs, lengths = self._decode(
+            graphdef, state, cache, slots, last_logits, next_position, rng, jnp.asarray(eos, jnp.int32),
+            length, max_new_tokens, params, pad_id,
+        )
+        keep = batch * num_samples
+        lengths = np.asarray(lengths)[:keep]
+        return SampleOutput(
+            tokens=np.asarray(tokens)[:keep],
+            logprobs=np.asarray(logprobs)[:keep],
+            policy_logprobs=np.asarray(policy_logprobs)[:keep],
+            lengths=lengths,
+            response_mask=(np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32),
+        )
+
+    def _image_features(self, graphdef, state, pixel_values, image_grid_thw):
+        grids = [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw).reshape(-1, 3)]
+        sizes = np.array([t * h * w for t, h, w in grids])
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        pixel_values = np.asarray(pixel_values, np.float32)
+        if starts[-1] != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches; image_grid_thw describes {starts[-1]}.")
+        by_grid: dict[tuple, list[int]] = {}
+        for i, g in enumerate(grids):
+            by_grid.setdefault(g, []).append(i)
+        per_image = [None] * len(grids)
+        for grid, members in by_grid.items():
+            stacked = np.stack([pixel_values[starts[i] : starts[i + 1]] for i in members])
+            encoded = self._encode(graphdef, state, stacked, grid)
+            for slot, i in enumerate(members):
+                per_image[i] = encoded[slot]
+        features = jnp.concatenate(per_image, axis=0)
+        rows = _round_up(features.shape[0], self.image_token_bucket)
+        return jnp.pad(features, ((0, rows - features.shape[0]), (0, 0)))
+
+    def _batch_shards(self) -> int:
+        if self.mesh is None:
+            return 1
+        return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+
+    def _shard(self, *arrays, axis):
+        if self.mesh is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        out = []
+        for a, ax in zip(arrays, axis):
+            names = [None] * a.ndim
+            names[ax] = "batch"
+            out.append(jax.device_put(a, parallel.named_sharding(tuple(names), a.shape, self.mesh)))
+        return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_sampler() -> Sampler:
+    return Sampler()
+
+
+def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *, max_new_tokens,
+             temperature=1.0, top_p=1.0, top_k=0, num_samples=1, eos_token_ids=None, rng=None,
+             sampler: Sampler | None = None, pad_token_id=None) -> SampleOutput:
+    """Sample `num_samples` responses for each left-padded prompt (arrays as the processor returns them).
+
+    temperature 0 (or top_k 1) is greedy decoding. See `Sampler` for bucketing and sharding.
+    """
+    return (sampler or _default_sampler()).generate(
+        model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
+        eos_token_ids=eos_token_ids, rng=rng, pad_token_id=pad_token_id,
+    )
