@@ -1,0 +1,105 @@
+"""The synthetic fine-grained world: hierarchy, determinism, cues, and exact grading by the rule verifier."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from speciarl_jax.data.synthetic import FAMILIES, TEXTURES, SyntheticWorld
+from speciarl_jax.rewards.parsing import normalize_label
+
+
+@pytest.fixture(scope="module")
+def world():
+    return SyntheticWorld(seed=0, image_size=(56, 56))
+
+
+def _all_labels(node):
+    yield node["name"]
+    yield from node.get("synonyms", [])
+    for child in node.get("children", []):
+        yield from _all_labels(child)
+
+
+def test_hierarchy_has_three_levels_and_enough_fine_classes(world):
+    tree = world.taxonomy()
+    assert tree["name"] == "shape"
+    assert len(tree["children"]) == len(FAMILIES) >= 4
+    fine = [leaf for family in tree["children"] for leaf in family["children"]]
+    assert len(fine) == len(world.classes) >= 24
+    assert all(leaf["children"] == [] for leaf in fine)
+    labels = list(_all_labels(tree))
+    assert all(re.fullmatch(r"[a-z]+( [a-z]+)*", label) for label in labels), labels
+    # Every name and synonym points at one node only, so grading is never ambiguous.
+    normalized = [normalize_label(label) for label in labels]
+    assert len(normalized) == len(set(normalized))
+
+
+def test_every_answer_grades_exactly(world, tmp_path):
+    rules = pytest.importorskip("speciarl_jax.verifier.rules")
+    taxonomy = rules.Taxonomy.from_json(world.save_taxonomy(tmp_path / "shapes.json"))
+    grade = taxonomy.grade
+    assert grade("striped circle", "Striped circle") == "specific"
+    assert grade("striped circle", "banded disc") == "specific"
+    assert grade("striped circle", "circle") == "less specific"
+    assert grade("striped circle", "disk") == "less specific"
+    assert grade("striped circle", "shape") == "generic"
+    assert grade("striped circle", "dotted circle") == "wrong"
+    assert grade("striped circle", "striped square") == "wrong"
+    assert grade("striped circle", "square") == "wrong"
+    assert grade("circle", "hollow circle") == "more specific"
+    assert grade("striped circle", "none") == "abstain"
+    for cls in world.classes:
+        assert grade(cls.name, cls.name) == "specific"
+        assert grade(cls.name, cls.family) == "less specific"
+        assert grade(cls.family, cls.name) == "more specific"
+
+
+def test_images_are_deterministic_and_sized(world):
+    a = world.render("train", 7)
+    assert a.dtype == np.uint8 and a.shape == (56, 56, 3)
+    np.testing.assert_array_equal(a, SyntheticWorld(seed=0, image_size=(56, 56)).render("train", 7))
+    assert not np.array_equal(a, SyntheticWorld(seed=1, image_size=(56, 56)).render("train", 7))
+    assert not np.array_equal(a, world.render("test", 7))
+    assert SyntheticWorld(image_size=(28, 44)).render("val", 3).shape == (28, 44, 3)
+    assert SyntheticWorld(image_size=(448, 448)).render("train", 0).shape == (448, 448, 3)
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        world.render("dev", 0)
+
+
+def test_classes_are_balanced_and_sources_label_by_level(world):
+    num = len(world.classes)
+    assert sorted(world.class_id("train", i) for i in range(num)) == list(range(num))
+    assert [world.class_id("train", i) for i in range(num)] != [world.class_id("test", i) for i in range(num)]
+    fine = world.source("train", 10)
+    family = world.source("train", 10, label_level="family")
+    for i in range(10):
+        assert fine[i].label == world.classes[world.class_id("train", i)].name
+        assert fine[i].label.endswith(" " + family[i].label)
+        np.testing.assert_array_equal(fine[i].image, family[i].image)
+    assert fine.sample_id(3) == "synthetic/train/3"
+    with pytest.raises(IndexError):
+        fine[10]
+
+
+def test_family_is_the_silhouette_and_fine_class_the_texture():
+    """Same draw, other texture: the same pixels leave the background. Other family: a different outline."""
+    world = SyntheticWorld(seed=0, image_size=(64, 64), noise=0.0)
+
+    def draw(name, seed):
+        cls = next(c for c in world.classes if c.name == name)
+        image = world._draw(cls, np.random.default_rng(seed))
+        background = image[0, 0]  # shapes never reach the corner
+        return image, np.any(image != background, axis=-1)
+
+    for seed in range(5):
+        plain, plain_mask = draw("plain star", seed)
+        for texture in ("striped", "dotted", "checkered"):
+            textured, mask = draw(f"{texture} star", seed)
+            np.testing.assert_array_equal(mask, plain_mask)
+            changed = np.any(textured != plain, axis=-1).sum()
+            assert 0.1 * plain_mask.sum() < changed < 0.7 * plain_mask.sum(), (texture, seed)
+        _, square_mask = draw("plain square", seed)
+        assert (square_mask != plain_mask).sum() > 0.1 * plain_mask.sum()
+    assert set(TEXTURES) == {c.texture for c in world.classes}
