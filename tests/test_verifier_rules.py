@@ -211,6 +211,8 @@ def test_make_verifier_accepts_a_config_dict(taxonomy):
     ml_collections = pytest.importorskip("ml_collections")
     config = ml_collections.ConfigDict({"kind": "rule", "max_answer_words": 3})
     assert make_verifier(config, taxonomy=taxonomy).config.max_answer_words == 3
+    defaults = ml_collections.ConfigDict(VerifierConfig().to_dict())
+    assert VerifierConfig.from_mapping(defaults) == VerifierConfig()
 
 
 def test_empty_ground_truth_is_an_error(verifier):

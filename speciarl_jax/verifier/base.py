@@ -114,6 +114,10 @@ class VerifierConfig:
         if self.kind == "openai" and not self.base_url:
             bad("base_url", "must be set for kind='openai'")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields, e.g. to seed an ml_collections ConfigDict with the defaults."""
+        return dataclasses.asdict(self)
+
     @classmethod
     def from_mapping(cls, values: Any) -> "VerifierConfig":
         """Builds a config from a VerifierConfig, a dict or an ml_collections ConfigDict."""
