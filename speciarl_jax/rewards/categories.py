@@ -23,12 +23,12 @@ ALL_CATEGORIES: tuple[str, ...] = VERDICTS + NO_VERDICT
 
 # Lower is better. `more specific` and `specific` tie: both name the object correctly.
 RANK: dict[str, int] = {
-        MORE_SPECIFIC: 1,
-        SPECIFIC: 1,
-        LESS_SPECIFIC: 2,
-        GENERIC: 3,
-        ABSTAIN: 4,
-        WRONG: 5,
+    MORE_SPECIFIC: 1,
+    SPECIFIC: 1,
+    LESS_SPECIFIC: 2,
+    GENERIC: 3,
+    ABSTAIN: 4,
+    WRONG: 5,
 }
 WRONG_RANK = RANK[WRONG]
 

@@ -20,7 +20,7 @@ _RUNG[cat.MORE_SPECIFIC] = 0
 
 
 def inject_label_noise(
-        categories: Sequence[str], p: float, rng: int | np.random.Generator | None = None
+    categories: Sequence[str], p: float, rng: int | np.random.Generator | None = None
 ) -> list[str]:
     """Returns a noisy copy of `categories`; the input is not modified.
 

@@ -51,12 +51,12 @@ def normalize_label(text: str) -> str:
 # Normalised answers that decline to name anything. The policy prompt asks for the
 # word `None` to abstain; the rest are common ways models say the same thing.
 REFUSALS: frozenset[str] = frozenset({
-        "none", "none of the above", "no answer", "nothing", "unknown", "unsure", "not sure",
-        "i am not sure", "i m not sure", "unclear", "no idea", "n a", "na", "cannot tell",
-        "can t tell", "cannot determine", "can t determine", "cannot be determined",
-        "i don t know", "i dont know", "i do not know", "don t know", "dont know",
-        "i cannot tell", "i can t tell", "i cannot identify", "i can t identify",
-        "not identifiable", "unidentifiable", "abstain", "pass",
+    "none", "none of the above", "no answer", "nothing", "unknown", "unsure", "not sure",
+    "i am not sure", "i m not sure", "unclear", "no idea", "n a", "na", "cannot tell",
+    "can t tell", "cannot determine", "can t determine", "cannot be determined",
+    "i don t know", "i dont know", "i do not know", "don t know", "dont know",
+    "i cannot tell", "i can t tell", "i cannot identify", "i can t identify",
+    "not identifiable", "unidentifiable", "abstain", "pass",
 })
 
 

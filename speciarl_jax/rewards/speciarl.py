@@ -29,7 +29,7 @@ def _ranks(categories: Sequence[str]) -> np.ndarray:
 
 
 def best_prediction_rewards(
-        categories: Sequence[str], group_ids: Sequence[Hashable], mode: str = "all"
+    categories: Sequence[str], group_ids: Sequence[Hashable], mode: str = "all"
 ) -> np.ndarray:
     """SpeciaRL rewards for a batch of rollouts, float32 [N].
 

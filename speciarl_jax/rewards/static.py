@@ -11,23 +11,23 @@ from speciarl_jax.rewards.speciarl import PARSE_FAILURE_REWARD, VERIFIER_ERROR_R
 
 def _table(more_specific, specific, less_specific, generic, abstain, wrong) -> dict[str, float]:
     return {
-            cat.MORE_SPECIFIC: more_specific,
-            cat.SPECIFIC: specific,
-            cat.LESS_SPECIFIC: less_specific,
-            cat.GENERIC: generic,
-            cat.ABSTAIN: abstain,
-            cat.WRONG: wrong,
-            cat.PARSE_FAILURE: PARSE_FAILURE_REWARD,
-            cat.VERIFIER_ERROR: VERIFIER_ERROR_REWARD,
+        cat.MORE_SPECIFIC: more_specific,
+        cat.SPECIFIC: specific,
+        cat.LESS_SPECIFIC: less_specific,
+        cat.GENERIC: generic,
+        cat.ABSTAIN: abstain,
+        cat.WRONG: wrong,
+        cat.PARSE_FAILURE: PARSE_FAILURE_REWARD,
+        cat.VERIFIER_ERROR: VERIFIER_ERROR_REWARD,
     }
 
 
 TABLES: dict[str, dict[str, float]] = {
-        # Binary: only naming the object at least as finely as the label counts.
-        "reward3": _table(1.0, 1.0, 0.0, 0.0, 0.0, 0.0),
-        "scala1": _table(1.0, 1.0, 0.75, 0.5, 0.25, 0.0),
-        "scala2": _table(1.0, 1.0, 0.75, 0.5, 0.0, 0.0),
-        "scala3": _table(1.0, 1.0, 0.75, 0.0, 0.0, 0.0),
+    # Binary: only naming the object at least as finely as the label counts.
+    "reward3": _table(1.0, 1.0, 0.0, 0.0, 0.0, 0.0),
+    "scala1": _table(1.0, 1.0, 0.75, 0.5, 0.25, 0.0),
+    "scala2": _table(1.0, 1.0, 0.75, 0.5, 0.0, 0.0),
+    "scala3": _table(1.0, 1.0, 0.75, 0.0, 0.0, 0.0),
 }
 
 
