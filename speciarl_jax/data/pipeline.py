@@ -3,7 +3,8 @@
 Flow for the examples of one JAX process:
 
     element k = (epoch, position) ---- EpochPlan: seeded shuffle per epoch, strided shard per process
-      -> source[index], image patches, token ids   (grain map op: runs in worker processes or threads)
+      -> source[index], image patches, token ids   (grain map op: runs in worker processes or threads;
+                                                    patches by image_ops.ImagePatcher, equal to transformers')
       -> Batch                                      (main process: left-pad, concatenate patches)
 
 Batches are assembled in the main process from the per-example stream, which grain's multiprocess prefetch
@@ -36,6 +37,7 @@ from absl import logging
 
 from speciarl_jax.processing import IMAGE_TOKEN
 
+from .image_ops import ImagePatcher
 from .prompts import get_prompt
 from .sources import BadExampleError, Source
 
@@ -179,33 +181,43 @@ class EpochPlan:
 
 class _EncodeExample:
     """The per-example work: read, decode, image patches, token ids. Runs in grain workers, so it holds only
-    picklable things and never raises for a bad example: it returns a record naming it instead."""
+    small picklable things (no tokenizer, and no transformers unless the image processor needs it), and it
+    never raises for a bad example: it returns a record naming it instead."""
 
     def __init__(self, source: Source, plan: EpochPlan, processor, prefix_ids: np.ndarray, suffix_ids: np.ndarray):
-        self.source, self.plan, self.processor = source, plan, processor
+        self.source, self.plan = source, plan
+        self.patcher = ImagePatcher.from_processor(processor)
+        # Fallback for image processors ImagePatcher does not reproduce: the processor itself (slower to start).
+        self.processor = processor if self.patcher is None else None
+        self.merge_size, self.image_token_id = processor.merge_size, processor.image_token_id
         self.prefix_ids, self.suffix_ids = prefix_ids, suffix_ids
 
+    def _patches(self, image) -> tuple[np.ndarray, np.ndarray]:
+        if self.patcher is not None:
+            return self.patcher(image)
+        encoded = self.processor.encode_images([image])
+        return encoded["pixel_values"], encoded["image_grid_thw"][0]
+
     def __call__(self, k: int) -> dict[str, Any]:
-        epoch, index, valid = self.plan.entry(k)
+        _, index, valid = self.plan.entry(k)
         try:
             example = self.source[index]
             if not example.label.strip():
                 raise BadExampleError(example.sample_id, "empty label")
             try:
-                encoded = self.processor.encode_images([example.image])
+                pixel_values, grid = self._patches(example.image)
             except (OSError, ValueError) as e:
                 raise BadExampleError(example.sample_id, f"cannot preprocess the image: {e}") from None
         except BadExampleError as e:
             return {"k": k, "bad": e.reason, "sample_id": e.sample_id}
-        grid = encoded["image_grid_thw"][0]
-        num_image_tokens = int(np.prod(grid)) // self.processor.merge_size**2
+        num_image_tokens = int(np.prod(grid)) // self.merge_size**2
         input_ids = np.concatenate(
-            [self.prefix_ids, np.full(num_image_tokens, self.processor.image_token_id, np.int32), self.suffix_ids]
+            [self.prefix_ids, np.full(num_image_tokens, self.image_token_id, np.int32), self.suffix_ids]
         )
         return {
             "k": k,
             "input_ids": input_ids,
-            "pixel_values": encoded["pixel_values"],
+            "pixel_values": pixel_values,
             "image_grid_thw": grid,
             "label": example.label,
             "sample_id": example.sample_id,
