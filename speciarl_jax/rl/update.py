@@ -1,0 +1,438 @@
+"""The policy update: recompute rollout log-probabilities, then mini-batched optimizer steps with gradient
+accumulation over micro-batches, all inside one jitted function per batch shape.
+
+How the pieces fit (see docs/rl.md for the trainer's view):
+
+    model (LoRA applied)  --nnx.split-->  graphdef, params (trainable: LoRAWeight, or base Params for full
+                                          fine-tuning), frozen (everything else, never copied)
+    TrainState(step, params, opt_state)   the only thing an optimizer step changes; donated to the step
+    logprob_step(params, frozen, batch, use_adapters)   -> [B, R] log-probabilities (old policy or reference)
+    train_step(state, frozen, batch)                     -> new state, per-optimizer-step metrics
+
+Both step functions are pure: they merge the model from (graphdef, params, frozen) inside the trace. The
+reference policy is the same merge with the adapters switched off (`lora.adapters_disabled`), or, for full
+fine-tuning with a KL term, a copy of the initial trainable parameters.
+
+`Learner` is the thin stateful wrapper a trainer uses: it owns the split model and the state, jits the two
+steps once per shape (with fixed output shardings so later calls never recompile), and writes the new
+trainable weights back into the model object, which the sampler keeps using.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .. import parallel
+from ..models import lora
+from . import losses
+from .batch import RolloutBatch, check_batch, to_device
+from .logprobs import response_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Loss, batching and optimizer settings of the update, plus the algorithm's rollout-side switches.
+
+    Batch sizes count rollout rows. `mini_batch_size` rows make one optimizer step (None: the whole batch);
+    `micro_batch_size` rows make one forward/backward whose gradients are accumulated (None: the mini-batch).
+    """
+
+    algorithm: str = "grpo"
+    # advantages and rollout-side DAPO switches (read by the trainer)
+    normalize_std: bool = True
+    overlong_buffer: int | None = None  # None: no overlong shaping
+    overlong_factor: float = 1.0
+    dynamic_sampling: bool = False
+    max_generation_batches: int = 10
+    # loss
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    clip_c: float | None = 3.0
+    loss_agg_mode: str = "token-mean"
+    max_response_len: int | None = None  # T_max of `seq-mean-token-sum-norm`; None: the batch's response width
+    kl_coef: float = 0.01
+    kl_kind: str = "low_var_kl"
+    entropy_coef: float = 0.0
+    # batching
+    mini_batch_size: int | None = None
+    micro_batch_size: int | None = None
+    ppo_epochs: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    # optimizer
+    learning_rate: float = 3e-5
+    lr_schedule: str = "constant"  # constant | linear | cosine (decays to 0 at total_steps)
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    # compute
+    logprob_chunk: int = 512
+    remat: bool = True
+
+    def __post_init__(self):
+        losses._check_mode(self.loss_agg_mode, self.max_response_len or 1)
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError(f"RLConfig.kl_coef ({self.kl_coef}) and entropy_coef ({self.entropy_coef}) must be >= 0.")
+        if self.kl_coef > 0:
+            losses.kl_penalty(jnp.zeros(1), jnp.zeros(1), self.kl_kind)  # fails early on an unknown estimator
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"RLConfig needs 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low} / {self.eps_high}.")
+        if self.clip_c is not None and self.clip_c <= 1:
+            raise ValueError(f"RLConfig.clip_c must be > 1 or None, got {self.clip_c}.")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"RLConfig.lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}.")
+        if self.lr_schedule != "constant" and not self.total_steps:
+            raise ValueError(f"RLConfig.lr_schedule={self.lr_schedule!r} decays to 0 at total_steps; set total_steps.")
+        for key in ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"RLConfig.{key} must be >= 1 or None, got {value}.")
+        if self.ppo_epochs < 1 or self.logprob_chunk < 1:
+            raise ValueError(f"RLConfig.ppo_epochs ({self.ppo_epochs}) and logprob_chunk ({self.logprob_chunk}) must be >= 1.")
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.kl_coef > 0
+
+
+# Algorithm presets (SPEC 4 and 5). Everything else keeps the RLConfig defaults (the paper's optimizer).
+PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": dict(normalize_std=True, loss_agg_mode="token-mean", kl_coef=0.01, kl_kind="low_var_kl",
+                 eps_low=0.2, eps_high=0.2, clip_c=3.0),
+    "drgrpo": dict(normalize_std=False, loss_agg_mode="seq-mean-token-sum-norm", kl_coef=0.0,
+                   eps_low=0.2, eps_high=0.2, clip_c=3.0),
+    "dapo": dict(normalize_std=True, loss_agg_mode="token-mean", kl_coef=0.0, eps_low=0.2, eps_high=0.28,
+                 clip_c=10.0, overlong_buffer=512, overlong_factor=1.0, dynamic_sampling=True,
+                 max_generation_batches=10),
+}
+
+
+def preset(algorithm: str, **overrides) -> RLConfig:
+    """RLConfig for `grpo`, `drgrpo` or `dapo`, with any field overridden by keyword."""
+    if algorithm not in PRESETS:
+        raise ValueError(f"Unknown algorithm {algorithm!r}; presets exist for {sorted(PRESETS)}.")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(RLConfig)}
+    if unknown:
+        raise ValueError(f"RLConfig has no field(s) {sorted(unknown)}.")
+    return RLConfig(**{**PRESETS[algorithm], "algorithm": algorithm, **overrides})
+
+
+def learning_rate_schedule(config: RLConfig) -> optax.Schedule:
+    peak = config.learning_rate
+    decay_steps = max((config.total_steps or 1) - config.warmup_steps, 1)
+    if config.lr_schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif config.lr_schedule == "linear":
+        after = optax.linear_schedule(peak, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(peak, decay_steps)
+    if config.warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+    return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def make_optimizer(config: RLConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW; weight decay applies to matrices only (adapters, kernels), not to
+    biases or norm scales."""
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(
+        learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+        weight_decay=config.weight_decay, mask=decay_mask,
+    )
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps taken
+    params: Any  # nnx.State of the trainable variables
+    opt_state: Any
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss of one micro-batch
+
+
+def micro_batch_loss(model, batch: RolloutBatch, config: RLConfig, totals: dict, num_micro: int):
+    """This micro-batch's share of the mini-batch loss, and its share of the metrics.
+
+    `totals` holds the mini-batch's masked `tokens` and non-empty `rows`; the shares are chosen so that summing
+    over the micro-batches gives the mini-batch's aggregate (see losses.aggregation_share).
+    """
+    logp, entropy = response_logprobs(model, batch, config.logprob_chunk)
+    mask = batch.response_mask.astype(jnp.float32)
+    mode, max_len = config.loss_agg_mode, config.max_response_len or mask.shape[1]
+    share = losses.aggregation_share(mask, totals["tokens"], totals["rows"], num_micro, mode)
+    token_share = mask.sum() / jnp.maximum(totals["tokens"], 1.0)
+
+    pg_loss, pg_metrics = losses.policy_loss(
+        logp, batch.old_logprobs, batch.advantages, mask, config.eps_low, config.eps_high, config.clip_c, mode, max_len,
+    )
+    loss = pg_loss
+    metrics = {name: value * token_share for name, value in pg_metrics.items()}
+    metrics["pg_loss"] = pg_loss * share
+    if config.uses_kl:
+        kl = losses.aggregate(losses.kl_penalty(logp, batch.ref_logprobs, config.kl_kind), mask, mode, max_len)
+        loss = loss + config.kl_coef * kl
+        metrics["kl_loss"] = kl * share
+    entropy_agg = losses.aggregate(entropy, mask, mode, max_len)
+    if config.entropy_coef > 0:
+        loss = loss - config.entropy_coef * entropy_agg
+    metrics["entropy"] = losses.aggregate(jax.lax.stop_gradient(entropy), mask, "token-mean") * token_share
+    metrics["loss"] = loss * share
+    return loss * share, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure step functions
+
+
+def _split_rows(batch: RolloutBatch, *shape) -> RolloutBatch:
+    """Reshape the row axis of every per-row field into `shape` (leading), keeping the order of rows."""
+    def split(x, axis):
+        x = jnp.moveaxis(x, axis, 0)
+        return x.reshape(shape + x.shape[1:])
+
+    return batch.rows(split)
+
+
+def _restore_row_axis(batch: RolloutBatch) -> RolloutBatch:
+    """position_ids was moved to rows-first by `_split_rows`; put its component axis back in front."""
+    return batch.replace(position_ids=jnp.moveaxis(batch.position_ids, 0, 1))
+
+
+def _batch_sizes(config: RLConfig, rows: int) -> tuple[int, int]:
+    mini = config.mini_batch_size or rows
+    micro = config.micro_batch_size or mini
+    if rows % mini:
+        raise ValueError(f"The batch has {rows} rows, not a multiple of RLConfig.mini_batch_size={mini}.")
+    if mini % micro:
+        raise ValueError(f"RLConfig.mini_batch_size={mini} is not a multiple of micro_batch_size={micro}.")
+    return rows // mini, mini // micro
+
+
+def _spread_rows(batch: RolloutBatch, row_axis: int, mesh) -> RolloutBatch:
+    """Shard axis `row_axis` (rows, after `_split_rows`) over the mesh's batch axes, so that every micro-batch is
+    spread over the devices rather than sitting on a few of them after the reshape."""
+    if mesh is None:
+        return batch
+
+    def put(x, _):
+        names = [None] * x.ndim
+        names[row_axis] = "batch"
+        spec = parallel.logical_to_spec(tuple(names), x.shape, mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return batch.rows(put)
+
+
+def metric_names(config: RLConfig) -> tuple[str, ...]:
+    """The per-micro-batch metrics `micro_batch_loss` returns, in a fixed order."""
+    names = ("clip_fraction", "approx_kl", "ratio_mean", "dual_clip_fraction", "pg_loss", "entropy", "loss")
+    return names + (("kl_loss",) if config.uses_kl else ())
+
+
+def make_train_step(graphdef, config: RLConfig, tx: optax.GradientTransformation, mesh=None):
+    """A pure function (state, frozen, batch) -> (new state, metrics of each optimizer step [num_steps]).
+
+    The batch must carry old_logprobs (and ref_logprobs when the KL term is on). Rows are taken in order,
+    mini-batch k being rows [k M, (k + 1) M), unless config.shuffle permutes them (seeded by the step).
+    """
+
+    def train_step(state: TrainState, frozen, batch: RolloutBatch):
+        if batch.old_logprobs is None:
+            raise ValueError("train_step needs batch.old_logprobs; Learner.step recomputes them when absent.")
+        if config.uses_kl and batch.ref_logprobs is None:
+            raise ValueError("The KL term is on (kl_coef > 0) but batch.ref_logprobs is missing.")
+        rows = batch.num_rows
+        num_mini, num_micro = _batch_sizes(config, rows)
+        micro = rows // (num_mini * num_micro)
+
+        def mini_step(state: TrainState, mini_batch):
+            mask = mini_batch.response_mask.astype(jnp.float32)  # [num_micro, micro, R]
+            totals = {"tokens": mask.sum(), "rows": (mask.sum(-1) > 0).sum().astype(jnp.float32)}
+
+            def micro_step(carry, micro_batch):
+                def loss_fn(params):
+                    model = nnx.merge(graphdef, params, frozen, copy=True)
+                    return micro_batch_loss(model, _restore_row_axis(micro_batch), config, totals, num_micro)
+
+                (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+                return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.float32(0) for k in metric_names(config)})
+            (grads, metrics), _ = jax.lax.scan(micro_step, zeros, mini_batch)
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics.update(grad_norm=grad_norm, tokens=totals["tokens"])
+            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+        all_metrics = []
+        for epoch in range(config.ppo_epochs):
+            epoch_batch = batch
+            if config.shuffle:
+                key = jax.random.fold_in(jax.random.key(config.seed), state.step * config.ppo_epochs + epoch)
+                order = jax.random.permutation(key, rows)
+                epoch_batch = batch.rows(lambda x, axis: jnp.take(x, order, axis=axis))
+            split = _spread_rows(_split_rows(epoch_batch, num_mini, num_micro, micro), 2, mesh)
+            state, metrics = jax.lax.scan(mini_step, state, split)
+            all_metrics.append(metrics)
+        metrics = jax.tree.map(lambda *m: jnp.concatenate(m), *all_metrics)
+        return state, metrics
+
+    return train_step
+
+
+def make_logprob_step(graphdef, config: RLConfig, mesh=None):
+    """A pure function (params, frozen, batch, use_adapters) -> log-probabilities [B, R] of the response tokens.
+
+    Runs forward only, in micro-batches of config.micro_batch_size rows (or the mini-batch size). With
+    use_adapters=False the LoRA adapters are off: the reference policy. `use_adapters` is static.
+    """
+
+    def logprob_step(params, frozen, batch: RolloutBatch, use_adapters: bool = True):
+        rows = batch.num_rows
+        size = config.micro_batch_size or config.mini_batch_size or rows
+        if rows % size:
+            raise ValueError(f"The batch has {rows} rows, not a multiple of the micro-batch size {size}.")
+        chunks = _spread_rows(_split_rows(batch, rows // size, size), 1, mesh)
+
+        def one(micro_batch):
+            model = nnx.merge(graphdef, params, frozen, copy=True)
+            micro_batch = _restore_row_axis(micro_batch)
+            if use_adapters:
+                return response_logprobs(model, micro_batch, config.logprob_chunk)[0]
+            with lora.adapters_disabled(model):
+                return response_logprobs(model, micro_batch, config.logprob_chunk)[0]
+
+        logp = jax.lax.map(one, chunks)
+        return logp.reshape(rows, -1)
+
+    return logprob_step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stateful wrapper the trainer uses
+
+
+class Learner:
+    """Owns the split policy, the optimizer state and the compiled steps.
+
+    Args:
+      model: the policy (LoRA already applied with `lora.apply_lora`, or not, for full fine-tuning); loaded
+        sharded on `mesh` if one is given. It stays usable (e.g. by the sampler) and always holds the latest
+        trainable weights after `step`.
+      config: an RLConfig (see `preset`).
+      trainable: nnx filter of the trained variables; default `lora.LoRAWeight` when the model has adapters,
+        else every parameter of the language model and lm_head (full fine-tuning).
+      mesh: the device mesh; rows are sharded over its batch axes.
+    """
+
+    def __init__(self, model, config: RLConfig, *, trainable=None, mesh=None):
+        self.config = config
+        self.mesh = mesh
+        self.has_adapters = any(True for _ in lora.lora_layers(model))
+        if trainable is None:
+            trainable = lora.LoRAWeight if self.has_adapters else lora.trainable_filter(lora.LoRAConfig(rank=0))
+        if hasattr(model, "language_model") and hasattr(model.language_model, "remat"):
+            model.language_model.remat = config.remat  # gradient checkpointing: recompute each block's activations
+        self.model = model
+        self.graphdef, params, self.frozen = nnx.split(model, trainable, ...)
+        if not jax.tree.leaves(params):
+            raise ValueError("The trainable filter selects no variables of the model.")
+        self.tx = make_optimizer(config)
+        # Copies, so the model's own arrays survive the donation of the first state.
+        params = jax.tree.map(jnp.copy, params)
+        self.uses_adapter_reference = self.has_adapters and trainable is lora.LoRAWeight
+        # Full fine-tuning needs its own frozen reference weights for the KL term.
+        self.reference = None
+        if config.uses_kl and not self.uses_adapter_reference:
+            self.reference = jax.tree.map(jnp.copy, params)
+        opt_state = self.tx.init(params)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+        state_shardings = None
+        if mesh is not None:
+            # Arrays without a mesh placement (step counters) are replicated; the rest keep their split.
+            replicated = NamedSharding(mesh, PartitionSpec())
+            state_shardings = jax.tree.map(
+                lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
+            state = jax.device_put(state, state_shardings)
+        self.state = state
+        self._train_step = jax.jit(
+            make_train_step(self.graphdef, config, self.tx, mesh), donate_argnums=(0,),
+            out_shardings=(state_shardings, None) if mesh is not None else None,
+        )
+        self._logprob_step = jax.jit(make_logprob_step(self.graphdef, config, mesh), static_argnums=(3,))
+
+    # -- pure functions, for callers that keep their own state --
+    @property
+    def train_step(self):
+        """jitted (state, frozen, batch) -> (state, metrics); donates `state`."""
+        return self._train_step
+
+    @property
+    def logprob_step(self):
+        """jitted (params, frozen, batch, use_adapters) -> [B, R] log-probabilities."""
+        return self._logprob_step
+
+    def place(self, batch: RolloutBatch) -> RolloutBatch:
+        """Check shapes and move a host batch onto the devices, rows split over the mesh's batch axes."""
+        check_batch(batch)
+        if self.mesh is None:
+            return to_device(batch)
+
+        def sharding_for(value, row_axis):
+            names = [None] * np.ndim(value)
+            if row_axis is not None:
+                names[row_axis] = "batch"
+            return parallel.named_sharding(tuple(names), np.shape(value), self.mesh)
+
+        return to_device(batch, sharding_for)
+
+    def rollout_logprobs(self, batch: RolloutBatch, *, reference: bool = False) -> jax.Array:
+        """[B, R] log-probabilities of the responses under the current policy, or the reference policy."""
+        batch = self.place(batch)
+        if not reference:
+            return self._logprob_step(self.state.params, self.frozen, batch, True)
+        if self.uses_adapter_reference:
+            return self._logprob_step(self.state.params, self.frozen, batch, False)
+        if self.reference is None:
+            raise ValueError("No reference policy: full fine-tuning keeps one only when kl_coef > 0.")
+        return self._logprob_step(self.reference, self.frozen, batch, True)
+
+    def step(self, batch: RolloutBatch) -> dict[str, float]:
+        """One update on a rollout batch: fills in old (and reference) log-probabilities if missing, runs the
+        optimizer steps, writes the new weights into the model. Returns metrics averaged over the optimizer
+        steps (`tokens` summed, `optimizer_steps` counted, `learning_rate` of the last step)."""
+        batch = self.place(batch)
+        if batch.old_logprobs is None:
+            batch = batch.replace(old_logprobs=self.rollout_logprobs(batch))
+        if self.config.uses_kl and batch.ref_logprobs is None:
+            batch = batch.replace(ref_logprobs=self.rollout_logprobs(batch, reference=True))
+        steps_before = int(self.state.step)
+        self.state, metrics = self._train_step(self.state, self.frozen, batch)
+        nnx.update(self.model, self.state.params)
+        out = {k: float(np.sum(v)) if k == "tokens" else float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+        out["optimizer_steps"] = int(self.state.step) - steps_before
+        out["learning_rate"] = float(learning_rate_schedule(self.config)(int(self.state.step) - 1))
+        return out
+
+    def trainable_state(self):
+        """The trainable variables (adapters under LoRA): what an adapter checkpoint needs to hold."""
+        return self.state.params
