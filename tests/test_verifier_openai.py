@@ -246,11 +246,11 @@ def test_retry_after_header_forms():
 def test_timeouts_are_retried(taxonomy, connect):
     plan = FaultPlan(first=["hang"], hang_s=10.0)
     with LoopbackVerifierServer(taxonomy, faults=plan) as server:
-        verifier = connect(server.url, concurrency=1, timeout_s=0.3)
+        verifier = connect(server.url, concurrency=1, timeout_s=0.5)
         start = time.perf_counter()
         assert verifier.classify(PAIRS[:1]) == EXPECTED[:1]
-        assert 0.3 <= time.perf_counter() - start < 3.0
-        assert verifier.last_stats.retries == 1
+        assert 0.5 <= time.perf_counter() - start < 5.0  # well before the 10 s hang ends
+        assert verifier.last_stats.retries >= 1 and server.fault_counts == {"hang": 1}
 
 
 def test_garbage_is_asked_again_once(taxonomy, connect):
