@@ -83,16 +83,20 @@ class ImagePatcher:
         )
 
     def _lookup_table(self) -> np.ndarray:
-        """[3 * 256] float32: every uint8 value of every channel (channel-major) through rescale and normalize,
-        in transformers' order and precision (the steps are elementwise, so a table gives the same numbers)."""
+        """[3, 256] float32: every uint8 value of every channel through rescale and normalize, in transformers'
+        order and precision (the steps are elementwise, so a table gives the very same numbers)."""
         table = self.__dict__.get("_table")
         if table is None:
             values = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
             mean = np.asarray(self.image_mean, np.float32)[:, None]
             std = np.asarray(self.image_std, np.float32)[:, None]
-            table = ((values[None, :] - mean) / std).ravel()
+            table = (values[None, :] - mean) / std
             object.__setattr__(self, "_table", table)  # a cache on a frozen dataclass
         return table
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size**2
 
     def __getstate__(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -101,7 +105,12 @@ class ImagePatcher:
         for key, value in state.items():
             object.__setattr__(self, key, value)
 
-    def __call__(self, image) -> tuple[np.ndarray, np.ndarray]:
+    def patch_bytes(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1, per image: resize, then the raw pixels in patch order.
+
+        Returns uint8 [num_patches, 3, patch_size**2] (an eighth of the float patches' bytes, which is what
+        crosses from a worker process) and grid_thw [3] int64.
+        """
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         image = image.convert("RGB")
@@ -111,13 +120,27 @@ class ImagePatcher:
         height, width = smart_resize(image.height, image.width, factor, self.min_pixels, self.max_pixels)
         if (width, height) != image.size:
             image = image.resize((width, height), resample=self.resample)
-        pixels = np.asarray(image)  # [H, W, 3] uint8
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        pixels = np.asarray(image)  # [H, W, 3]
+        p, m = self.patch_size, self.merge_size
         grid_h, grid_w = height // p, width // p
         # Patch order as transformers: merge groups of m x m patches stay together; inside a patch, channel-major.
         patches = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-        patches = patches.reshape(grid_h * grid_w, 3, p * p)  # still uint8: the shuffle moves 1 byte a value
-        channel_offsets = (np.arange(3, dtype=np.uint16) * 256)[:, None]
-        values = np.take(self._lookup_table(), patches + channel_offsets)  # [N, 3, p * p] float32
-        values = np.broadcast_to(values[:, :, None, :], (grid_h * grid_w, 3, t, p * p))  # a still frame: t copies
-        return values.reshape(grid_h * grid_w, 3 * t * p * p), np.array([1, grid_h, grid_w], np.int64)
+        return np.ascontiguousarray(patches.reshape(grid_h * grid_w, 3, p * p)), np.array([1, grid_h, grid_w], np.int64)
+
+    def normalize_into(self, patch_bytes: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Stage 2: uint8 [N, 3, p*p] -> float32 patches written into `out` [N, patch_dim], each frame repeated
+        temporal_patch_size times (a still image), so a batch is written once, straight into its array."""
+        n = patch_bytes.shape[0]
+        t, pp = self.temporal_patch_size, self.patch_size**2
+        frames = out.reshape(n, 3, t, pp)
+        table = self._lookup_table()
+        for channel in range(3):
+            # mode="clip" lets take write into the strided view without an extra buffer; uint8 indices never clip.
+            np.take(table[channel], patch_bytes[:, channel], out=frames[:, channel, 0], mode="clip")
+        frames[:, :, 1:] = frames[:, :, :1]
+        return out
+
+    def __call__(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """Both stages: pixel_values [num_patches, patch_dim] float32 and grid_thw [3] int64."""
+        patch_bytes, grid = self.patch_bytes(image)
+        return self.normalize_into(patch_bytes, np.empty((patch_bytes.shape[0], self.patch_dim), np.float32)), grid

@@ -193,8 +193,9 @@ class _EncodeExample:
         self.prefix_ids, self.suffix_ids = prefix_ids, suffix_ids
 
     def _patches(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 patch bytes (normalised later, straight into the batch array) or, on the fallback, float patches."""
         if self.patcher is not None:
-            return self.patcher(image)
+            return self.patcher.patch_bytes(image)
         encoded = self.processor.encode_images([image])
         return encoded["pixel_values"], encoded["image_grid_thw"][0]
 
@@ -205,7 +206,7 @@ class _EncodeExample:
             if not example.label.strip():
                 raise BadExampleError(example.sample_id, "empty label")
             try:
-                pixel_values, grid = self._patches(example.image)
+                patches, grid = self._patches(example.image)
             except (OSError, ValueError) as e:
                 raise BadExampleError(example.sample_id, f"cannot preprocess the image: {e}") from None
         except BadExampleError as e:
@@ -217,7 +218,7 @@ class _EncodeExample:
         return {
             "k": k,
             "input_ids": input_ids,
-            "pixel_values": pixel_values,
+            "patches": patches,  # uint8 patch bytes, or float patches on the fallback
             "image_grid_thw": grid,
             "label": example.label,
             "sample_id": example.sample_id,
@@ -225,8 +226,28 @@ class _EncodeExample:
         }
 
 
-def collate(elements: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int, epoch: int) -> Batch:
-    """Left-pads token ids to a common bucketed length and concatenates the image patches."""
+def _pixel_values(elements: list[dict[str, Any]], patcher: ImagePatcher | None) -> np.ndarray:
+    """[P, patch_dim] float32 for the whole batch, written once."""
+    if patcher is None:
+        # asarray: worker outputs arrive as shared-memory arrays; the batch holds a plain copy.
+        return np.concatenate([np.asarray(e["patches"]) for e in elements])
+    counts = [e["patches"].shape[0] for e in elements]
+    out = np.empty((sum(counts), patcher.patch_dim), np.float32)
+    start = 0
+    for element, count in zip(elements, counts):
+        patcher.normalize_into(np.asarray(element["patches"]), out[start:start + count])
+        start += count
+    return out
+
+
+def collate(
+    elements: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int, epoch: int,
+    patcher: ImagePatcher | None = None,
+) -> Batch:
+    """Left-pads token ids to a common bucketed length and gathers the image patches.
+
+    With a `patcher`, elements carry uint8 patch bytes, normalised here into the batch's array; without, they
+    carry float patches that are concatenated."""
     longest = max(len(e["input_ids"]) for e in elements)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = np.full((len(elements), length), pad_token_id, np.int32)
@@ -238,8 +259,7 @@ def collate(elements: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_o
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        # asarray: worker outputs arrive as shared-memory arrays; the batch holds plain copies.
-        pixel_values=np.concatenate([np.asarray(e["pixel_values"]) for e in elements]),
+        pixel_values=_pixel_values(elements, patcher),
         image_grid_thw=np.stack([np.asarray(e["image_grid_thw"]) for e in elements]).astype(np.int64),
         labels=[e["label"] for e in elements],
         sample_ids=[e["sample_id"] for e in elements],
@@ -313,6 +333,9 @@ class Pipeline:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=o.worker_count, per_worker_buffer_size=o.worker_buffer_size))
         return iter(ds)
 
+    def collate(self, elements: list[dict[str, Any]], epoch: int) -> Batch:
+        return collate(elements, self.processor.pad_token_id, self.options.pad_to_multiple_of, epoch, self._encode.patcher)
+
     def iterator(self, state: dict | None = None) -> "BatchIterator":
         iterator = BatchIterator(self)
         if state is not None:
@@ -365,14 +388,14 @@ class BatchIterator(grain.DatasetIterator):
             if end_of_epoch:
                 self._finish_epoch(epoch)
             if len(buffer) == options.batch_size:
-                return collate(buffer, pipeline.processor.pad_token_id, options.pad_to_multiple_of, epoch)
+                return pipeline.collate(buffer, epoch)
             if end_of_epoch and buffer:
                 if options.remainder == "keep":
-                    return collate(buffer, pipeline.processor.pad_token_id, options.pad_to_multiple_of, epoch)
+                    return pipeline.collate(buffer, epoch)
                 if options.remainder == "pad":
                     filler = dict(buffer[-1], valid=False)
                     buffer += [filler] * (options.batch_size - len(buffer))
-                    return collate(buffer, pipeline.processor.pad_token_id, options.pad_to_multiple_of, epoch)
+                    return pipeline.collate(buffer, epoch)
                 buffer = []
         raise StopIteration
 
