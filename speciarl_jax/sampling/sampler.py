@@ -181,9 +181,6 @@ class Sampler:
         cache, last_logits = jax.tree.map(expand, cache), expand(last_logits)
         slots, next_position = np.repeat(slots, num_samples, 0), np.repeat(next_position, num_samples, 0)
         slots, next_position = self._shard(slots, next_position, axis=(0, 0))
-        self._last_decode_args = (
-            graphdef, state, cache, slots, last_logits, next_position, rng, jnp.asarray(eos, jnp.int32),
-            length, max_new_tokens, params, pad_id)
         tokens, logprobs, policy_logprobs, lengths = self._decode(
             graphdef, state, cache, slots, last_logits, next_position, rng, jnp.asarray(eos, jnp.int32),
             length, max_new_tokens, params, pad_id,
