@@ -295,3 +295,40 @@ def test_option_errors():
         PipelineOptions(batch_size=2, on_bad_example="ignore")
     with pytest.raises(ValueError, match="process_index 2 outside process_count 2"):
         PipelineOptions(batch_size=2, process_index=2, process_count=2)
+
+
+def test_mixed_tfds_and_synthetic_pipeline(fixed_processor):
+    import tensorflow_datasets as tfds
+
+    config = {
+        "source": {"kind": "mixed", "per_source": 4, "seed": 42, "parts": [
+            {"kind": "benchmark", "name": "pets", "split": "train"},
+            {"kind": "synthetic", "num_images": 20, "image_size": [40, 40]},
+        ]},
+        "batch_size": 8, "read_threads": 0,
+    }
+    with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
+        pets = tfds.builder("oxford_iiit_pet").info.features["label"].names
+        (batch,) = list(pipeline_from_config(config, fixed_processor, process_index=0, process_count=1))
+    names = {n.replace("_", " ") for n in pets} | set(SyntheticWorld().class_names)
+    assert set(batch.labels) <= names
+    assert sum(sid.startswith("oxford_iiit_pet/train/") for sid in batch.sample_ids) == 4
+    assert (batch.image_grid_thw == [1, 4, 4]).all()
+
+
+def test_orbax_checkpoint_of_the_iterator(tmp_path, fixed_processor, shapes):
+    """The iterator saves and restores through orbax with grain's checkpoint handler (one file per process)."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    opts = options(num_epochs=2)
+    iterator = Pipeline(shapes, fixed_processor, opts).iterator()
+    next(iterator), next(iterator)
+    manager = ocp.CheckpointManager(tmp_path, item_handlers={"data": grain.checkpoint.CheckpointHandler()})
+    manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    expected = next(iterator).sample_ids
+    restored = Pipeline(shapes, fixed_processor, opts).iterator()
+    manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    assert next(restored).sample_ids == expected
+    assert (tmp_path / "2" / "data" / "process_0-of-1.json").exists()
