@@ -183,3 +183,10 @@ def test_bad_input_is_refused(model, prompts):
         generate(model, *right_padded, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=2, top_p=0.0)
+
+
+def test_image_features_are_returned_once_per_prompt_image(model, prompts):
+    out = generate(model, prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"],
+                   prompts["image_grid_thw"], max_new_tokens=2, num_samples=3, temperature=0.0)
+    expected = np.asarray(model.encode_images(prompts["pixel_values"], prompts["image_grid_thw"]))
+    np.testing.assert_allclose(np.asarray(out.image_features), expected, atol=1e-6)

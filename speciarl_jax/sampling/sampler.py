@@ -34,6 +34,8 @@ class SampleOutput:
     policy_logprobs [N, L]: log-probability under the raw policy (temperature 1, no filtering).
     lengths [N]: number of generated tokens, the end token included.
     response_mask [N, L]: 1 on the generated tokens, the end token included.
+    image_features [num_image_tokens, D]: the vision tower's output for the prompts' images, in order
+      (None without images); the update reuses it instead of running the frozen tower again.
     """
 
     tokens: np.ndarray
@@ -41,6 +43,7 @@ class SampleOutput:
     policy_logprobs: np.ndarray
     lengths: np.ndarray
     response_mask: np.ndarray
+    image_features: jax.Array | None = None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -169,9 +172,10 @@ class Sampler:
         positions = np.pad(positions, ((0, 0), (0, pad_rows), (pad_cols, 0)))
         next_position = np.pad(real + deltas, (0, pad_rows)).astype(np.int32)
 
-        features = None
+        features = image_features = None
         if pixel_values is not None:
-            features = self._image_features(graphdef, state, pixel_values, image_grid_thw)
+            image_features = self._image_features(graphdef, state, pixel_values, image_grid_thw)
+            features = self._pad_rows(image_features, self.image_token_bucket)
         slots = np.concatenate([mask, np.zeros((rows, max_new_tokens), np.int32)], axis=1)
         cache, last_logits = self._prefill(graphdef, state, *self._shard(ids, slots, positions, axis=(0, 0, 1)),
                                            features)
@@ -193,6 +197,7 @@ class Sampler:
             policy_logprobs=np.asarray(policy_logprobs)[:keep],
             lengths=lengths,
             response_mask=(np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32),
+            image_features=image_features,
         )
 
     def _image_features(self, graphdef, state, pixel_values, image_grid_thw):
@@ -211,8 +216,11 @@ class Sampler:
             encoded = self._encode(graphdef, state, stacked, grid)
             for slot, i in enumerate(members):
                 per_image[i] = encoded[slot]
-        features = jnp.concatenate(per_image, axis=0)
-        rows = _round_up(features.shape[0], self.image_token_bucket)
+        return jnp.concatenate(per_image, axis=0)
+
+    @staticmethod
+    def _pad_rows(features, bucket: int):
+        rows = _round_up(features.shape[0], bucket)
         return jnp.pad(features, ((0, rows - features.shape[0]), (0, 0)))
 
     def _batch_shards(self) -> int:
