@@ -179,6 +179,11 @@ def test_remainders(fixed_processor, shapes):
     assert counts == [2, 2, 2]
 
 
+def test_read_threads_do_not_change_the_batches(fixed_processor, shapes):
+    ids = lambda threads: all_ids(Pipeline(shapes, fixed_processor, options(num_epochs=3, batch_size=4, read_threads=threads)))
+    assert ids(3) == ids(0)
+
+
 def test_repeat_forever(fixed_processor, shapes):
     iterator = iter(Pipeline(shapes, fixed_processor, options(num_epochs=None, batch_size=10)))
     epochs = [next(iterator).epoch for _ in range(7)]

@@ -156,17 +156,19 @@ class EpochPlan:
             self.per_shard = len(range(shard_index, num_examples, shard_count))
         if self.per_shard == 0:
             raise ValueError(f"{num_examples} examples cannot be shared among {shard_count} processes")
-        self._cached_epoch: int | None = None
-        self._cached_order: np.ndarray | None = None
+        # (epoch, order) in one attribute: read threads share the plan, and one assignment is atomic.
+        self._cache: tuple[int, np.ndarray] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
-        if epoch != self._cached_epoch:
-            if self.shuffle:
-                self._cached_order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-            else:
-                self._cached_order = np.arange(self.num_examples)
-            self._cached_epoch = epoch
-        return self._cached_order
+        cache = self._cache
+        if cache is not None and cache[0] == epoch:
+            return cache[1]
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        else:
+            order = np.arange(self.num_examples)
+        self._cache = (epoch, order)
+        return order
 
     def entry(self, k: int) -> tuple[int, int, bool]:
         epoch, position = divmod(int(k), self.per_shard)
@@ -176,7 +178,7 @@ class EpochPlan:
         return epoch, int(order[global_position % self.num_examples]), valid
 
     def __getstate__(self):
-        return {**self.__dict__, "_cached_epoch": None, "_cached_order": None}
+        return {**self.__dict__, "_cache": None}
 
 
 class _EncodeExample:
