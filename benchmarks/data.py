@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 from absl import flags
 from PIL import Image
 

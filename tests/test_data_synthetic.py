@@ -1,6 +1,5 @@
 """The synthetic fine-grained world: hierarchy, determinism, cues, and exact grading by the rule verifier."""
 
-import json
 import re
 
 import numpy as np
