@@ -34,7 +34,7 @@ class MetricWriter:
         self._jsonl.flush()
         if self._tb is not None:
             for name, value in clean.items():
-                self._tb.add_scalar(name, value, step)
+                self._tb.add_scalar(name.replace(" ", "_"), value, step)  # TensorBoard tags cannot hold spaces
             self._tb.flush()
 
     def close(self) -> None:

@@ -218,3 +218,10 @@ def test_make_verifier_accepts_a_config_dict(taxonomy):
 def test_empty_ground_truth_is_an_error(verifier):
     with pytest.raises(ValueError, match="ground truth"):
         verifier.classify([("???", "dog")])
+
+
+def test_lineage_walks_from_a_label_or_synonym_to_the_root(taxonomy):
+    assert taxonomy.lineage("Vermivora chrysoptera") == ["Golden-winged Warbler", "warbler", "bird", "animal"]
+    assert taxonomy.lineage("dog") == ["dog", "animal"]
+    with pytest.raises(UnknownLabelError):
+        taxonomy.lineage("unicorn")

@@ -124,6 +124,23 @@ class Batch:
             "image_grid_thw": self.image_grid_thw,
         }
 
+    def select(self, rows) -> "Batch":
+        """The batch restricted to `rows` (in that order); their image patches come along."""
+        rows = [int(r) for r in rows]
+        sizes = np.prod(self.image_grid_thw, axis=1)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        pixels = [self.pixel_values[starts[r] : starts[r + 1]] for r in rows]
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            pixel_values=np.concatenate(pixels) if pixels else self.pixel_values[:0],
+            image_grid_thw=self.image_grid_thw[rows],
+            labels=[self.labels[r] for r in rows],
+            sample_ids=[self.sample_ids[r] for r in rows],
+            valid=self.valid[rows],
+        )
+
 
 @dataclasses.dataclass
 class EpochReport:

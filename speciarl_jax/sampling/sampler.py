@@ -200,6 +200,11 @@ class Sampler:
             image_features=image_features,
         )
 
+    def image_features(self, model, pixel_values, image_grid_thw):
+        """The vision tower's output [num_image_tokens, D] for these images, with this sampler's compiled programs."""
+        graphdef, state = nnx.split(model)
+        return self._image_features(graphdef, state, pixel_values, image_grid_thw)
+
     def _image_features(self, graphdef, state, pixel_values, image_grid_thw):
         grids = [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw).reshape(-1, 3)]
         sizes = np.array([t * h * w for t, h, w in grids])

@@ -163,6 +163,17 @@ class Taxonomy:
     def names(self) -> list[str]:
         return [node.name for node in self._nodes]
 
+    def lineage(self, label: str) -> list[str]:
+        """The node names from `label` up to its root: [label's node, parent, ..., root].
+
+        Raises UnknownLabelError when the label is not in the taxonomy (for a label that several nodes share,
+        the first node added is used).
+        """
+        ids = self._by_label.get(normalize_label(label))
+        if not ids:
+            raise UnknownLabelError(f"label {label!r} is not in the taxonomy")
+        return [self._nodes[i].name for i in [ids[0], *self._ancestors(ids[0])]]
+
     def _ancestors(self, node_id: int) -> list[int]:
         """Parent first, root last."""
         out = []

@@ -1,0 +1,465 @@
+"""The SpeciaRL training loop: prompts -> rollouts -> verdicts -> rewards -> advantages -> update, every step.
+
+    trainer = Trainer(config)      # builds everything and checks the config before anything compiles
+    trainer.run()                  # SFT warm start if configured, then RL; resumes from the run folder
+
+One step, as data flows:
+  the data pipeline gives B prompts (image + label); the sampler draws n responses for each; the answers are
+  parsed and graded by the verifier; the reward (SpeciaRL best prediction, or a static table, with optional
+  label noise) scores each rollout within its prompt's group; advantages are group-relative; the learner runs
+  the configured mini-batch optimizer steps. DAPO's dynamic sampling draws further prompt batches until B
+  groups with differing rewards are collected.
+
+Nothing is lost on failure: a checkpoint is written every `checkpoint_every` steps and at the end; a verifier
+outage or SIGTERM (a preempted VM) saves the last finished step and exits with the command to resume; a NaN
+loss exits without saving over the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from . import parallel
+from .checkpoint import Checkpointer
+from .data.config import pipeline_from_config
+from .metric_writers import MetricWriter, summary_line
+from .metrics import summarize
+from .models import lora
+from .models.qwen2_5_vl import from_pretrained
+from .models.qwen2_5_vl.tiny import TinySpec, make_tiny_checkpoint
+from .processing import Processor
+from .rewards import (best_prediction_rewards, inject_label_noise, parse_answer, static_rewards)
+from .rl import dapo
+from .rl.advantages import group_advantages
+from .rl.batch import make_rollout_batch
+from .rl.update import Learner, RLConfig, preset
+from .sampling import Sampler
+from .verifier import Taxonomy, VerifierError, make_verifier
+
+# RLConfig fields where the config's 0 stands for None (ml_collections cannot type a None default).
+_ZERO_IS_NONE = ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "total_steps")
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a clean save when training cannot or should not go on (SIGTERM, verifier outage, NaN)."""
+
+
+# ---- building blocks from the config ----
+
+def run_dir_of(config) -> str:
+    return config.run_dir or os.path.join("runs", config.name)
+
+
+def rl_config_of(config, total_steps: int) -> RLConfig:
+    overrides = {k: v for k, v in config.rl.to_dict().items() if k != "algorithm"}
+    for key in _ZERO_IS_NONE:
+        if overrides.get(key) == 0:
+            overrides[key] = None
+    if overrides.get("lr_schedule", "constant") != "constant" and not overrides.get("total_steps"):
+        overrides["total_steps"] = total_steps
+    return preset(config.rl.algorithm, **overrides)
+
+
+def lora_config_of(config) -> lora.LoRAConfig:
+    return lora.LoRAConfig(**config.lora.to_dict())
+
+
+def data_config(section, *, extra: dict | None = None) -> dict:
+    """A data section as `pipeline_from_config` wants it: empty / zero image settings dropped."""
+    cfg = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    for key in ("min_pixels", "max_pixels"):
+        if not cfg.get(key):
+            cfg.pop(key, None)
+    if "image_size" in cfg and not all(cfg["image_size"]):
+        cfg.pop("image_size")
+    if not cfg["source"].get("data_dir", True):
+        cfg["source"] = {k: v for k, v in cfg["source"].items() if k != "data_dir"}
+    cfg.update(extra or {})
+    return cfg
+
+
+def processor_settings(data_cfg: dict) -> dict:
+    settings = {k: data_cfg[k] for k in ("min_pixels", "max_pixels") if data_cfg.get(k)}
+    if data_cfg.get("image_size"):
+        settings["image_size"] = tuple(data_cfg["image_size"])
+    return settings
+
+
+def synthetic_taxonomy(source_cfg) -> Taxonomy | None:
+    """The hierarchy of the synthetic world a source config draws from, or None for other sources."""
+    if source_cfg.get("kind") != "synthetic":
+        return None
+    from .data.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(seed=source_cfg.get("seed", 0), image_size=tuple(source_cfg.get("image_size", (112, 112))))
+    return Taxonomy.from_dict(world.taxonomy())
+
+
+def build_verifier(config):
+    taxonomy = None
+    if config.verifier.kind == "rule" and not config.verifier.taxonomy_path:
+        taxonomy = synthetic_taxonomy(config.data.source.to_dict())
+        if taxonomy is None:
+            raise ValueError("verifier.kind='rule' needs verifier.taxonomy_path unless the data is the synthetic world.")
+    return make_verifier(config.verifier, taxonomy=taxonomy)
+
+
+def prepare_model_dir(config, run_dir: str) -> str:
+    if config.model.tiny:
+        folder = os.path.join(run_dir, "tiny_model")
+        if jax.process_index() == 0 and not os.path.exists(os.path.join(folder, "config.json")):
+            make_tiny_checkpoint(folder, TinySpec(**config.model.tiny_spec.to_dict()), seed=config.seed)
+        _sync_processes("tiny_model")
+        return folder
+    if not config.model.path:
+        raise ValueError("config.model.path is empty: give a local Hugging Face Qwen2.5-VL folder (or model.tiny=True).")
+    return config.model.path
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def validate(config) -> None:
+    """Config errors that would otherwise surface after minutes of compilation."""
+    problems = []
+    if config.rollout.num_samples < 1:
+        problems.append(f"rollout.num_samples must be >= 1, got {config.rollout.num_samples}")
+    if config.data.batch_size < 1:
+        problems.append(f"data.batch_size must be >= 1, got {config.data.batch_size}")
+    rows = config.data.batch_size * config.rollout.num_samples
+    mini = config.rl.get("mini_batch_size", 0) or rows
+    if rows % mini:
+        problems.append(f"rl.mini_batch_size {mini} does not divide the {rows} rollouts of a step "
+                        f"(data.batch_size {config.data.batch_size} x rollout.num_samples {config.rollout.num_samples})")
+    micro = config.rl.get("micro_batch_size", 0) or mini
+    if mini % micro:
+        problems.append(f"rl.micro_batch_size {micro} does not divide rl.mini_batch_size {mini}")
+    if config.reward.kind not in ("speciarl", "static"):
+        problems.append(f"reward.kind must be 'speciarl' or 'static', got {config.reward.kind!r}")
+    if not 0 <= config.reward.noise <= 1:
+        problems.append(f"reward.noise must be in [0, 1], got {config.reward.noise}")
+    if config.sft.enabled and abs(sum(config.sft.levels) - 1) > 1e-6:
+        problems.append(f"sft.levels must sum to 1, got {list(config.sft.levels)}")
+    if problems:
+        raise ValueError("Invalid config: " + "; ".join(problems))
+
+
+def score(categories, group_ids, reward_cfg, rng: np.random.Generator) -> np.ndarray:
+    """One scalar reward per rollout from the verdicts of whole groups."""
+    if reward_cfg.noise > 0:
+        categories = inject_label_noise(categories, reward_cfg.noise, rng)
+    if reward_cfg.kind == "speciarl":
+        return best_prediction_rewards(categories, group_ids, mode=reward_cfg.mode)
+    return static_rewards(categories, reward_cfg.table)
+
+
+def batch_report(categories, prefix: str = "") -> dict[str, float]:
+    """Category shares and C / S / HM of a list of verdicts."""
+    record = summarize(categories, bootstrap=0).to_dict()
+    out = {f"{prefix}{k}": record[k] for k in ("correctness", "specificity", "hm", "score")}
+    out.update({f"{prefix}share/{k[6:]}": v for k, v in record.items() if k.startswith("share/")})
+    return out
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """One generation batch: prompts and their graded responses, rows prompt-major."""
+
+    prompts: Any  # data.pipeline.Batch
+    tokens: np.ndarray  # [N, L]
+    response_mask: np.ndarray  # [N, L]
+    lengths: np.ndarray  # [N]
+    image_features: Any
+    texts: list[str]
+    categories: list[str]
+    rewards: np.ndarray  # [N]
+    group_ids: np.ndarray  # [N]
+
+
+class Trainer:
+    def __init__(self, config):
+        validate(config)
+        self.config = config
+        self.run_dir = run_dir_of(config)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        self.mesh = parallel.make_mesh(**config.mesh.to_dict())
+
+        self.model_dir = prepare_model_dir(config, self.run_dir)
+        self.train_data_cfg = data_config(config.data, extra={"num_epochs": None})
+        self.processor = Processor.from_pretrained(self.model_dir, **processor_settings(self.train_data_cfg))
+        for key in ("min_pixels", "max_pixels", "image_size"):
+            self.train_data_cfg.pop(key, None)
+        self.pipeline = pipeline_from_config(self.train_data_cfg, self.processor)
+        self.total_steps = config.steps or config.epochs * self.pipeline.batches_per_epoch
+
+        self.model = from_pretrained(self.model_dir, dtype=config.model.dtype, mesh=self.mesh)
+        self.lora_config = lora_config_of(config)
+        if self.lora_config.enabled:
+            lora.apply_lora(self.model, self.lora_config)
+        logging.info("policy: %s", lora.count_parameters(self.model, self.lora_config))
+        self.rl_config = rl_config_of(config, self.total_steps)
+        self.learner = Learner(self.model, self.rl_config, trainable=lora.trainable_filter(self.lora_config),
+                               mesh=self.mesh)
+        self.sampler = Sampler(prompt_bucket=config.rollout.prompt_bucket, mesh=self.mesh)
+        self.verifier = build_verifier(config)
+        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=config.keep_checkpoints)
+        self.writer = MetricWriter(self.run_dir, enabled=self.is_main)
+        self.rng = jax.random.key(config.seed)
+        self.noise_rng = np.random.default_rng(config.reward.noise_seed)
+        self.step = 0
+        self.sft_done = not config.sft.enabled
+        self.data_iter = None
+        self._stop_signal = None
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+
+    # ---- checkpoints ----
+
+    def save(self) -> None:
+        meta = {
+            "step": self.step,
+            "optimizer_steps": int(self.learner.state.step),
+            "sft_done": self.sft_done,
+            "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
+            "noise_rng": self.noise_rng.bit_generator.state,
+            "data": self.data_iter.get_state() if self.data_iter is not None else None,
+            "config": json.loads(self.config.to_json_best_effort()),
+        }
+        state = self.learner.state
+        self.checkpointer.save(self.step, params=state.params, opt_state=state.opt_state, meta=meta)
+
+    def restore(self) -> bool:
+        """Load the checkpoint named by `config.resume` (or the run folder's latest). True if one was loaded."""
+        resume = self.config.resume
+        if not resume:
+            return False
+        checkpointer = self.checkpointer if resume == "auto" else Checkpointer(resume)
+        if checkpointer.latest_step() is None:
+            if resume != "auto":
+                raise FileNotFoundError(f"config.resume={resume!r} holds no finished checkpoint")
+            return False
+        state = self.learner.state
+        params, opt_state, meta = checkpointer.restore(params_like=state.params, opt_state_like=state.opt_state)
+        self.learner.state = state.replace(params=params, opt_state=opt_state,
+                                           step=jax.numpy.asarray(meta.get("optimizer_steps", 0), state.step.dtype))
+        nnx.update(self.model, params)
+        self.step = int(meta["step"])
+        self.sft_done = bool(meta["sft_done"])
+        self.rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
+        self.noise_rng.bit_generator.state = meta["noise_rng"]
+        self._data_state = meta.get("data")
+        logging.info("resumed from %s at step %d", checkpointer.directory, self.step)
+        return True
+
+    # ---- one RL step ----
+
+    def generate_and_grade(self, prompts, rng, timings) -> Rollouts:
+        cfg = self.config.rollout
+        start = time.perf_counter()
+        inputs = prompts.model_inputs()
+        out = self.sampler.generate(
+            self.model, **inputs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=cfg.top_k, num_samples=cfg.num_samples,
+            eos_token_ids=self.processor.eos_token_ids, rng=rng, pad_token_id=self.processor.pad_token_id,
+        )
+        timings["generate"] += time.perf_counter() - start
+        start = time.perf_counter()
+        texts = [self.processor.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+        labels = np.repeat(np.asarray(prompts.labels, object), cfg.num_samples)
+        categories = self.verifier.classify([(label, parse_answer(t)) for label, t in zip(labels, texts)])
+        group_ids = np.repeat(np.arange(len(prompts.labels)), cfg.num_samples)
+        rewards = score(categories, group_ids, self.config.reward, self.noise_rng)
+        if self.rl_config.overlong_buffer:
+            rewards = rewards + dapo.overlong_penalty(out.lengths, max_len=cfg.max_new_tokens,
+                                                      buffer=self.rl_config.overlong_buffer,
+                                                      factor=self.rl_config.overlong_factor)
+        timings["verify"] += time.perf_counter() - start
+        return Rollouts(prompts, out.tokens, out.response_mask, out.lengths, out.image_features, texts,
+                        list(categories), np.asarray(rewards, np.float32), group_ids)
+
+    def collect(self, rng, timings) -> tuple[list[Rollouts], dict]:
+        """Rollouts for one update: one generation batch, or with dynamic sampling as many as it takes to
+        gather data.batch_size groups whose rewards differ."""
+        if not self.rl_config.dynamic_sampling:
+            return [self.generate_and_grade(next(self.data_iter), rng, timings)], {}
+        wanted = self.config.data.batch_size
+        kept, generated, dropped = [], 0, 0
+        for call in range(self.rl_config.max_generation_batches):
+            batch = self.generate_and_grade(next(self.data_iter), jax.random.fold_in(rng, call), timings)
+            informative = dapo.informative_groups(batch.rewards, batch.group_ids)
+            groups = [g for g in range(len(batch.prompts.labels)) if informative[g * self.config.rollout.num_samples]]
+            generated += len(batch.prompts.labels)
+            dropped += len(batch.prompts.labels) - len(groups)
+            room = wanted - sum(len(k.prompts.labels) for k in kept)
+            if groups[:room]:
+                kept.append(select_groups(batch, groups[:room], self.config.rollout.num_samples,
+                                          self.model.config.image_token_id))
+            if sum(len(k.prompts.labels) for k in kept) == wanted:
+                return kept, {"dapo/generation_batches": call + 1, "dapo/dropped_groups": dropped,
+                              "dapo/generated_groups": generated}
+        raise dapo.DynamicSamplingError(
+            f"Dynamic sampling gathered {sum(len(k.prompts.labels) for k in kept)} of {wanted} groups with differing "
+            f"rewards in {self.rl_config.max_generation_batches} generation batches ({dropped} of {generated} groups "
+            "had identical rewards). Raise rl.max_generation_batches, lower data.batch_size, or check the reward.")
+
+    def update(self, pieces: list[Rollouts], timings) -> dict:
+        start = time.perf_counter()
+        metrics = {}
+        n = self.config.rollout.num_samples
+        for piece in pieces:
+            advantages = group_advantages(piece.rewards, piece.group_ids, self.rl_config.normalize_std)
+            batch = make_rollout_batch(
+                self.model.config, piece.prompts.model_inputs(), piece.tokens, piece.response_mask, advantages,
+                num_samples=n, image_features=piece.image_features, pad_token_id=self.processor.pad_token_id,
+            )
+            metrics = self.learner.step(batch)
+        timings["update"] += time.perf_counter() - start
+        return metrics
+
+    def rl_step(self) -> dict:
+        timings = collections.defaultdict(float)
+        rng = jax.random.fold_in(self.rng, self.step)
+        pieces, extra = self.collect(rng, timings)
+        update_metrics = self.update(pieces, timings)
+        categories = [c for p in pieces for c in p.categories]
+        rewards = np.concatenate([p.rewards for p in pieces])
+        lengths = np.concatenate([p.lengths for p in pieces])
+        metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                   "response_length": float(lengths.mean()), **batch_report(categories), **extra}
+        metrics.update({f"update/{k}": v for k, v in update_metrics.items()})
+        metrics.update({f"verifier/{k}": v for k, v in self.verifier.last_stats.as_metrics().items()})
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        metrics["tokens_per_s"] = float(lengths.sum()) / max(timings["generate"], 1e-9)
+        return metrics
+
+    # ---- evaluation ----
+
+    def evaluate(self, prefix: str = "eval/") -> dict:
+        cfg = self.config.eval
+        if not cfg.enabled:
+            return {}
+        eval_cfg = data_config(cfg, extra={"num_epochs": 1, "shuffle": False, "remainder": "pad",
+                                           "prompt": self.config.data.prompt,
+                                           "pad_to_multiple_of": self.config.data.pad_to_multiple_of})
+        for key in ("enabled", "num_examples", "max_new_tokens"):
+            eval_cfg.pop(key, None)
+        if cfg.num_examples:
+            eval_cfg["source"]["num_examples"] = cfg.num_examples
+        categories = []
+        for batch in pipeline_from_config(eval_cfg, self.processor):
+            out = self.sampler.generate(
+                self.model, **batch.model_inputs(), max_new_tokens=cfg.max_new_tokens or self.config.rollout.max_new_tokens,
+                temperature=0.0, eos_token_ids=self.processor.eos_token_ids, pad_token_id=self.processor.pad_token_id,
+            )
+            texts = [self.processor.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+            verdicts = self.verifier.classify([(l, parse_answer(t)) for l, t in zip(batch.labels, texts)])
+            categories += [v for v, ok in zip(verdicts, batch.valid) if ok]
+        return batch_report(categories, prefix)
+
+    # ---- the loop ----
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_signal = signum
+        logging.warning("signal %d received: finishing the current step, then saving and exiting", signum)
+
+    def run(self) -> dict:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.writer.close()
+
+    def _resume_hint(self) -> str:
+        return f"resume with: python -m speciarl_jax.train --config=<same config> --config.run_dir={self.run_dir}"
+
+    def _run(self) -> dict:
+        self._data_state = None
+        self.restore()
+        if not self.sft_done:
+            from .sft import run_sft
+
+            sft_metrics = run_sft(self)
+            self.writer.write(0, sft_metrics, prefix="sft/")
+            self.sft_done = True
+        self.data_iter = self.pipeline.iterator(self._data_state)
+        before = self.evaluate() if self.step == 0 else {}
+        if before:
+            self.writer.write(self.step, before)
+        last = {}
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="rl", disable=not self.is_main, dynamic_ncols=True)
+        while self.step < self.total_steps:
+            try:
+                metrics = self.rl_step()
+            except VerifierError as err:
+                self.save()
+                raise TrainingInterrupted(f"The verifier failed at step {self.step + 1}: {err}\nSaved step "
+                                          f"{self.step}; {self._resume_hint()}") from err
+            loss = metrics.get("update/loss", 0.0)
+            if not np.isfinite(loss):
+                raise TrainingInterrupted(f"The loss became {loss} at step {self.step + 1}; nothing was saved over "
+                                          f"the last good checkpoint. Lower rl.learning_rate and {self._resume_hint()}")
+            self.step += 1
+            last = metrics
+            if self.step % self.config.log_every == 0:
+                self.writer.write(self.step, metrics)
+            bar.update(1)
+            bar.set_postfix_str(summary_line(metrics, ["reward_mean", "correctness", "specificity", "hm"]))
+            if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
+                self.writer.write(self.step, self.evaluate())
+            if self._stop_signal is not None:
+                self.save()
+                raise TrainingInterrupted(f"Stopped by signal {self._stop_signal} after step {self.step}, which is "
+                                          f"saved; {self._resume_hint()}")
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.total_steps:
+                self.save()
+        bar.close()
+        after = self.evaluate()
+        if after:
+            self.writer.write(self.step, after)
+        if self.step and self.checkpointer.latest_step() != self.step:
+            self.save()
+        return {"train": last, "eval_before": before, "eval_after": after}
+
+
+def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_token_id: int) -> Rollouts:
+    """The rollouts of the chosen prompt groups (DAPO's dynamic sampling), renumbered from 0."""
+    rows = np.concatenate([np.arange(g * num_samples, (g + 1) * num_samples) for g in groups])
+    prompts = batch.prompts.select(groups)
+    features = None
+    if batch.image_features is not None:
+        counts = (batch.prompts.input_ids == image_token_id).sum(1)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        features = jax.numpy.concatenate([batch.image_features[starts[g]:starts[g + 1]] for g in groups])
+    return Rollouts(prompts, batch.tokens[rows], batch.response_mask[rows], batch.lengths[rows], features,
+                    [batch.texts[r] for r in rows], [batch.categories[r] for r in rows], batch.rewards[rows],
+                    np.repeat(np.arange(len(groups)), num_samples))
+
+
+def before_after_table(before: dict, after: dict, prefix: str = "eval/") -> str:
+    """A Markdown table of the held-out category shares and C / S / HM before and after training."""
+    keys = sorted(k[len(prefix):] for k in after if k.startswith(prefix + "share/"))
+    keys += ["correctness", "specificity", "hm", "score"]
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for key in keys:
+        b, a = before.get(prefix + key, float("nan")), after.get(prefix + key, float("nan"))
+        lines.append(f"| {key} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+    return "\n".join(lines)
