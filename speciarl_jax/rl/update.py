@@ -203,17 +203,21 @@ def micro_batch_loss(model, batch: RolloutBatch, config: RLConfig, totals: dict,
 
 
 def _split_rows(batch: RolloutBatch, *shape) -> RolloutBatch:
-    """Reshape the row axis of every per-row field into `shape` (leading), keeping the order of rows."""
+    """Reshape the row axis of every per-row field into `shape` (leading), keeping the order of rows.
+
+    The shared image table is dropped from the result (it has no row axis, so it cannot be scanned over);
+    `_restore_row_axis` puts it back into each piece.
+    """
     def split(x, axis):
         x = jnp.moveaxis(x, axis, 0)
         return x.reshape(shape + x.shape[1:])
 
-    return batch.rows(split)
+    return batch.rows(split).replace(image_features=None)
 
 
-def _restore_row_axis(batch: RolloutBatch) -> RolloutBatch:
-    """position_ids was moved to rows-first by `_split_rows`; put its component axis back in front."""
-    return batch.replace(position_ids=jnp.moveaxis(batch.position_ids, 0, 1))
+def _restore_row_axis(piece: RolloutBatch, image_features) -> RolloutBatch:
+    """A piece cut by `_split_rows` with position_ids back to [3, rows, T] and the shared image table attached."""
+    return piece.replace(position_ids=jnp.moveaxis(piece.position_ids, 0, 1), image_features=image_features)
 
 
 def _batch_sizes(config: RLConfig, rows: int) -> tuple[int, int]:
@@ -270,14 +274,15 @@ def make_train_step(graphdef, config: RLConfig, tx: optax.GradientTransformation
             def micro_step(carry, micro_batch):
                 def loss_fn(params):
                     model = nnx.merge(graphdef, params, frozen, copy=True)
-                    return micro_batch_loss(model, _restore_row_axis(micro_batch), config, totals, num_micro)
+                    return micro_batch_loss(model, _restore_row_axis(micro_batch, batch.image_features), config, totals,
+                                            num_micro)
 
                 (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
                 return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.float32(0) for k in metric_names(config)})
             (grads, metrics), _ = jax.lax.scan(micro_step, zeros, mini_batch)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics.update(grad_norm=grad_norm, tokens=totals["tokens"])
@@ -315,7 +320,7 @@ def make_logprob_step(graphdef, config: RLConfig, mesh=None):
 
         def one(micro_batch):
             model = nnx.merge(graphdef, params, frozen, copy=True)
-            micro_batch = _restore_row_axis(micro_batch)
+            micro_batch = _restore_row_axis(micro_batch, batch.image_features)
             if use_adapters:
                 return response_logprobs(model, micro_batch, config.logprob_chunk)[0]
             with lora.adapters_disabled(model):
@@ -342,9 +347,11 @@ class Learner:
       trainable: nnx filter of the trained variables; default `lora.LoRAWeight` when the model has adapters,
         else every parameter of the language model and lm_head (full fine-tuning).
       mesh: the device mesh; rows are sharded over its batch axes.
+      compiler_options: passed to jax.jit for both steps (e.g. {"xla_backend_optimization_level": 0} makes
+        CPU compilation of small test models faster).
     """
 
-    def __init__(self, model, config: RLConfig, *, trainable=None, mesh=None):
+    def __init__(self, model, config: RLConfig, *, trainable=None, mesh=None, compiler_options=None):
         self.config = config
         self.mesh = mesh
         self.has_adapters = any(True for _ in lora.lora_layers(model))
@@ -376,9 +383,10 @@ class Learner:
         self.state = state
         self._train_step = jax.jit(
             make_train_step(self.graphdef, config, self.tx, mesh), donate_argnums=(0,),
-            out_shardings=(state_shardings, None) if mesh is not None else None,
+            out_shardings=(state_shardings, None) if mesh is not None else None, compiler_options=compiler_options,
         )
-        self._logprob_step = jax.jit(make_logprob_step(self.graphdef, config, mesh), static_argnums=(3,))
+        self._logprob_step = jax.jit(make_logprob_step(self.graphdef, config, mesh), static_argnums=(3,),
+                                     compiler_options=compiler_options)
 
     # -- pure functions, for callers that keep their own state --
     @property

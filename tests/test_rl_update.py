@@ -1,0 +1,175 @@
+"""The update: rollout log-probabilities (with images), gradient accumulation, sharding over 8 fake devices,
+full fine-tuning, and the errors a malformed batch or configuration raises."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from speciarl_jax import parallel
+from speciarl_jax.models import lora
+from speciarl_jax.models.qwen2_5_vl import from_pretrained, get_position_ids
+from speciarl_jax.rl import update
+from speciarl_jax.rl.batch import check_batch, make_rollout_batch
+from test_model_parity import random_image
+
+LORA = lora.LoRAConfig(rank=4, alpha=8.0)
+FAST = {"xla_backend_optimization_level": 0}  # quicker CPU compiles for the tiny model
+
+
+def adapted_model(path, mesh=None):
+    model = from_pretrained(path, mesh=mesh)
+    lora.apply_lora(model, LORA)
+    return model
+
+
+def text_batch(config, rows=8, samples=4, response=6, seed=0):
+    """`rows` rollouts of rows // samples left-padded text prompts, random responses of random lengths."""
+    rng = np.random.default_rng(seed)
+    prompts = rows // samples
+    ids = rng.integers(20, 300, (prompts, 7)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0
+    responses = rng.integers(20, 300, (rows, response))
+    lengths = rng.integers(1, response + 1, rows)
+    lengths[-1] = 0  # an empty response row: it must not count anywhere
+    response_mask = (np.arange(response)[None] < lengths[:, None]).astype(np.int32)
+    advantages = rng.normal(size=rows).astype(np.float32)
+    return make_rollout_batch(config, {"input_ids": ids, "attention_mask": mask}, responses, response_mask,
+                              advantages, num_samples=samples)
+
+
+def test_rollout_logprobs_with_images_match_a_full_forward(tiny_checkpoint, tiny_processor):
+    """Two image prompts x 2 samples. The shared image table is random (the vision tower is not under test):
+    what matters is that every rollout's image tokens read its prompt's rows of the table."""
+    model = adapted_model(tiny_checkpoint)
+    for i, (_, layer) in enumerate(lora.lora_layers(model)):  # adapters that matter
+        layer.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.lora_b.shape)
+    images = [random_image(0, 56, 84), random_image(1, 84, 84)]
+    texts = [tiny_processor.chat_prompt("What is it?", 1), tiny_processor.chat_prompt("Which bird?", 1)]
+    prompts = tiny_processor(texts, images=images)
+    samples, response = 2, 5
+    rng = np.random.default_rng(1)
+    responses = rng.integers(20, 300, (4, response))
+    response_mask = (np.arange(response)[None] < np.array([5, 3, 1, 4])[:, None]).astype(np.int32)
+    per_prompt = (prompts["input_ids"] == model.config.image_token_id).sum(1)
+    table = rng.normal(size=(per_prompt.sum() + 3, 64)).astype(np.float32)  # 3 rows of bucket padding
+    batch = make_rollout_batch(model.config, prompts, responses, response_mask, np.zeros(4), num_samples=samples,
+                               image_features=table, pad_token_id=tiny_processor.pad_token_id)
+    learner = update.Learner(model, update.RLConfig(micro_batch_size=2, logprob_chunk=2), compiler_options=FAST)
+    got = np.asarray(learner.rollout_logprobs(batch))
+    reference = np.asarray(learner.rollout_logprobs(batch, reference=True))
+
+    # The oracle: positions from the full token rows, image features copied out for every rollout in order.
+    row_grids = np.repeat(np.asarray(prompts["image_grid_thw"]), samples, axis=0)
+    positions, _ = get_position_ids(batch.input_ids, batch.attention_mask, row_grids, config=model.config)
+    live = batch.attention_mask.astype(bool)
+    np.testing.assert_array_equal(np.asarray(batch.position_ids)[:, live], positions[:, live])
+    starts = np.concatenate([[0], np.cumsum(per_prompt)[:-1]])
+    row_features = np.concatenate([table[starts[r // samples] : starts[r // samples] + per_prompt[r // samples]]
+                                   for r in range(4)])
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def oracle(state):
+        m = nnx.merge(graphdef, state)
+        forward = lambda: m(batch.input_ids, batch.attention_mask, position_ids=positions,  # noqa: E731
+                            image_features=jnp.asarray(row_features)).logits
+        on = forward()
+        with lora.adapters_disabled(m):
+            off = forward()
+        t = batch.input_ids.shape[1]
+        pick = lambda logits: jnp.take_along_axis(  # noqa: E731
+            jax.nn.log_softmax(logits[:, t - response - 1 : t - 1]), batch.input_ids[:, t - response :, None], -1)[..., 0]
+        return pick(on), pick(off)
+
+    expected, expected_reference = map(np.asarray, oracle(state))
+    on = response_mask.astype(bool)
+    np.testing.assert_allclose(got[on], expected[on], atol=2e-5)
+    np.testing.assert_allclose(reference[on], expected_reference[on], atol=2e-5)
+    assert np.abs(got - reference)[on].max() > 1e-3
+
+
+def _updated(model, config, batch, mesh=None):
+    learner = update.Learner(model, config, mesh=mesh, compiler_options=FAST)
+    metrics = learner.step(batch)
+    params = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(learner.state.params)}
+    return learner, metrics, params
+
+
+def test_gradient_accumulation_and_eight_devices_give_the_same_update(tiny_checkpoint):
+    """mini-batch 4 of 8 rows (two optimizer steps); micro-batches of 2 (accumulated) vs 4; then the same on a
+    data=1 x fsdp=4 x tensor=2 mesh. The GRPO preset's KL term exercises the adapter-free reference."""
+    config = update.preset("grpo", mini_batch_size=4, micro_batch_size=4, learning_rate=1e-2, logprob_chunk=4,
+                           entropy_coef=0.01)
+    model = adapted_model(tiny_checkpoint)
+    rng = np.random.default_rng(5)
+    # Old and reference log-probabilities given, as a trainer may pass them: only the train step compiles.
+    batch = text_batch(model.config).replace(old_logprobs=rng.normal(-6.3, 0.2, (8, 6)).astype(np.float32),
+                                             ref_logprobs=rng.normal(-6.3, 0.2, (8, 6)).astype(np.float32))
+    learner, metrics, params = _updated(model, config, batch)
+    assert metrics["optimizer_steps"] == 2
+    assert metrics["tokens"] == float(batch.response_mask.sum())
+    assert 0 < metrics["grad_norm"] and np.isfinite(metrics["loss"]) and metrics["kl_loss"] >= 0
+    # The model object now computes with the updated adapters.
+    after = dict(nnx.to_flat_state(nnx.state(model, lora.LoRAWeight)))
+    for name, value in params.items():
+        np.testing.assert_array_equal(np.asarray(after[tuple(int(p) if p.isdigit() else p for p in name.split("."))][...]), value)
+    assert any(np.abs(v).max() > 0 for k, v in params.items() if k.endswith("lora_b"))
+
+    _, micro_metrics, micro_params = _updated(
+        adapted_model(tiny_checkpoint), update.preset("grpo", mini_batch_size=4, micro_batch_size=2, learning_rate=1e-2,
+                                                      logprob_chunk=4, entropy_coef=0.01), batch)
+    for key in ("loss", "pg_loss", "kl_loss", "entropy", "clip_fraction", "grad_norm"):
+        assert micro_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+    for name in params:
+        np.testing.assert_allclose(micro_params[name], params[name], rtol=1e-4, atol=2e-5)
+
+    mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    sharded_model = adapted_model(tiny_checkpoint, mesh=mesh)
+    sharded_learner, sharded_metrics, sharded_params = _updated(sharded_model, config, batch, mesh=mesh)
+    up_a = dict(nnx.to_flat_state(sharded_learner.state.params))[("language_model", "layers", 0, "mlp", "up_proj", "lora_a")]
+    assert len(up_a[...].sharding.device_set) == 8
+    for key in ("loss", "pg_loss", "kl_loss", "grad_norm"):
+        assert sharded_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+    for name in params:
+        np.testing.assert_allclose(sharded_params[name], params[name], rtol=1e-4, atol=2e-5)
+    # A second step reuses the compiled program (same shapes, same shardings).
+    sharded_learner.step(batch)
+    assert sharded_learner.train_step._cache_size() == 1
+
+
+def test_full_finetuning_trains_the_language_model_against_a_frozen_copy(tiny_checkpoint):
+    model = from_pretrained(tiny_checkpoint)
+    vision_before = np.asarray(model.visual.blocks[0].attn.qkv.kernel[...])
+    head_before = np.asarray(model.lm_head.kernel[...])
+    batch = text_batch(model.config, rows=4, samples=2)
+    config = update.preset("grpo", learning_rate=1e-3, remat=False, shuffle=True)
+    learner = update.Learner(model, config, compiler_options=FAST)
+    reference_before = np.asarray(learner.rollout_logprobs(batch, reference=True))
+    metrics = learner.step(batch)
+    assert metrics["optimizer_steps"] == 1 and np.isfinite(metrics["loss"])
+    assert np.abs(np.asarray(model.lm_head.kernel[...]) - head_before).max() > 0
+    np.testing.assert_array_equal(np.asarray(model.visual.blocks[0].attn.qkv.kernel[...]), vision_before)
+    np.testing.assert_array_equal(np.asarray(learner.rollout_logprobs(batch, reference=True)), reference_before)
+    assert np.abs(np.asarray(learner.rollout_logprobs(batch)) - reference_before).max() > 0
+
+
+def test_malformed_batches_and_sizes_are_named(tiny_checkpoint):
+    model = adapted_model(tiny_checkpoint)
+    batch = text_batch(model.config)
+    with pytest.raises(ValueError, match=r"RolloutBatch.old_logprobs has shape \(8, 3\), expected \(8, 6\)"):
+        check_batch(batch.replace(old_logprobs=np.zeros((8, 3))))
+    with pytest.raises(ValueError, match="RolloutBatch.advantages"):
+        check_batch(batch.replace(advantages=np.zeros(7)))
+    with pytest.raises(ValueError, match="image_features and image_offsets go together"):
+        check_batch(batch.replace(image_features=np.zeros((4, 64))))
+    with pytest.raises(ValueError, match="2 prompts x 4 samples need 8 response rows"):
+        make_rollout_batch(model.config, {"input_ids": np.ones((2, 3), np.int32), "attention_mask": np.ones((2, 3))},
+                           np.ones((6, 2)), np.ones((6, 2)), np.zeros(6), num_samples=4)
+    learner = update.Learner(model, update.RLConfig(mini_batch_size=3, kl_coef=0.0))
+    with pytest.raises(ValueError, match="not a multiple of RLConfig.mini_batch_size=3"):
+        learner.step(batch.replace(old_logprobs=np.zeros((8, 6), np.float32)))
+    with pytest.raises(ValueError, match="selects no variables"):
+        update.Learner(from_pretrained(tiny_checkpoint), update.RLConfig(), trainable=lora.LoRAWeight)
