@@ -20,9 +20,10 @@ identical (label, answer) pair is answered from memory, and the verifier's own S
 `<output_dir>/verifier_cache.sqlite` for the LLM verifier) covers the rest. Rollouts the verifier failed on
 (`allow_errors`) are not written, so the next run asks for them again.
 
-The model is a Hugging Face folder (`model.path`) plus, optionally, an adapter (`model.adapter`): a PEFT folder
-or an adapter checkpoint (`lora_config.json` + orbax item `adapter/`, see `export.py`); the adapter is merged
-into the weights before decoding. `model.kind = "simulated"` replaces the network by a seeded answer generator
+The model is a Hugging Face folder (`model.path`) plus, optionally, an adapter (`model.adapter`): a training
+checkpoint (`<run>/checkpoints/<step>`, or the `checkpoints` folder for its latest step; `model.path` may then
+be left empty, the run config names the base), a PEFT folder, or an adapter checkpoint (see `export.py`). The
+adapter is merged into the weights before decoding. `model.kind = "simulated"` replaces the network by a seeded answer generator
 with a chosen mix of answer kinds (exact, parent, root, abstain, wrong, unparsed): no weights needed, used to
 test the whole path and to illustrate the reports.
 """
@@ -131,8 +132,9 @@ def validate(config) -> None:
                          f"{d.temperature} / {d.top_p}")
     if config.model.kind not in ("qwen", "simulated"):
         raise ValueError(f"config.model.kind must be 'qwen' or 'simulated', got {config.model.kind!r}")
-    if config.model.kind == "qwen" and not config.model.path:
-        raise ValueError("config.model.path must name a Hugging Face Qwen2.5-VL folder")
+    if config.model.kind == "qwen" and not (config.model.path or config.model.adapter):
+        raise ValueError("config.model.path must name a Hugging Face Qwen2.5-VL folder (it may be left out only "
+                         "when config.model.adapter is a training checkpoint, whose run config names the base)")
     if not len(config.datasets):
         raise ValueError("config.datasets is empty: name at least one data source")
     if config.verify_chunk < 1:
@@ -143,15 +145,26 @@ def samples_per_image(config) -> int:
     return int(config.decoding.n) if config.decoding.mode == "best_of_n" else 1
 
 
+def base_model_path(config) -> str:
+    from speciarl_jax import export
+
+    return export.resolve_base(config.model.path or None, config.model.adapter or None)
+
+
 def model_name(config) -> str:
     if config.model.name:
         return config.model.name
     if config.model.kind == "simulated":
         return "simulated"
-    name = os.path.basename(os.path.normpath(config.model.path))
-    if config.model.adapter:
-        name += "+" + os.path.basename(os.path.normpath(config.model.adapter))
-    return name
+    if not config.model.adapter:
+        return os.path.basename(os.path.normpath(config.model.path))
+    from speciarl_jax import export
+
+    located = export.training_step(config.model.adapter)
+    if located is not None:  # <run>/checkpoints/<step> -> "<run> step <step>"
+        return f"{os.path.basename(os.path.dirname(located[0]))} step {located[1]}"
+    base = os.path.basename(os.path.normpath(config.model.path)) if config.model.path else "model"
+    return base + "+" + os.path.basename(os.path.normpath(config.model.adapter))
 
 
 def selected_datasets(config) -> dict[str, dict]:
@@ -173,8 +186,8 @@ def fingerprint(config) -> dict:
         decoding.update(n=d.n, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
     model = {"kind": config.model.kind}
     if config.model.kind == "qwen":
-        model.update(path=os.path.abspath(config.model.path), dtype=config.model.dtype,
-                     adapter=os.path.abspath(config.model.adapter) if config.model.adapter else "")
+        model.update(path=os.path.abspath(base_model_path(config)), dtype=config.model.dtype,
+                     adapter=_adapter_identity(config.model.adapter))
     else:
         model.update(simulated=_plain(config.model.simulated))
     v = config.verifier
@@ -189,6 +202,18 @@ def fingerprint(config) -> dict:
         "image": _plain(config.image),
         "verifier": verifier,
     }
+
+
+def _adapter_identity(adapter: str) -> str:
+    """The adapter's absolute path; a checkpoints folder stands for its latest step, so name that step."""
+    if not adapter:
+        return ""
+    from speciarl_jax import export
+
+    located = export.training_step(adapter)
+    if located is not None:
+        return os.path.join(located[0], str(located[1]))
+    return os.path.abspath(adapter)
 
 
 def _dataset_identity(source_config: dict) -> dict:
@@ -372,15 +397,14 @@ class QwenPredictor:
         if config.mesh.enabled:
             mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         start = time.perf_counter()
-        self.model = export.load_model(config.model.path, config.model.adapter or None, dtype=config.model.dtype,
-                                       mesh=mesh)
+        path = base_model_path(config)
+        self.model = export.load_model(path, config.model.adapter or None, dtype=config.model.dtype, mesh=mesh)
         merged = lora.merge_lora(self.model)
-        log.info("loaded %s (%d adapted layers merged) in %.1fs", config.model.path, merged,
-                 time.perf_counter() - start)
+        log.info("loaded %s (%d adapted layers merged) in %.1fs", path, merged, time.perf_counter() - start)
         image = {k: v for k, v in _plain(config.image).items() if v is not None}
         if "image_size" in image:
             image["image_size"] = tuple(image["image_size"])
-        self.processor = Processor.from_pretrained(config.model.path, **image)
+        self.processor = Processor.from_pretrained(path, **image)
         self.sampler = Sampler(mesh=mesh)
         self.samples = samples_per_image(config)
 

@@ -11,14 +11,19 @@
 `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]), for the language model only
 (vLLM serves no LoRA on the vision tower, so an adapter there is refused: export it merged instead).
 
-Adapters come from either kind of folder (`load_adapter`):
+Adapters come from three kinds of folder (`load_adapter`):
   * a PEFT folder (`adapter_config.json`), as written here or by PEFT itself for this architecture;
+  * a training checkpoint of `speciarl_jax.checkpoint.Checkpointer`: a step folder `<run>/checkpoints/<step>`
+    (or the `checkpoints` folder, meaning its latest step). Its `meta` record holds the run config, whose `lora`
+    section rebuilds the adapters and whose `model` section names the base (so --base may be left out); `params`
+    holds the trained variables (adapters, or with LoRA rank 0 the fine-tuned weights, exported merged);
   * an adapter checkpoint: `lora_config.json` (the `LoRAConfig` fields) next to an orbax item folder `adapter`
     holding `nnx.to_pure_dict(nnx.state(model, LoRAWeight))`. `save_adapter_checkpoint` writes exactly that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -293,8 +298,87 @@ def load_adapter_checkpoint(model: nnx.Module, folder: str | os.PathLike) -> lis
     return [name for name, _ in lora.lora_layers(model)]
 
 
+# --------------------------------------------------------------------------------------------------
+# Training checkpoints (speciarl_jax.checkpoint.Checkpointer: <run>/checkpoints/<step>/{params,opt_state,meta})
+
+
+def training_step(path: str | os.PathLike) -> tuple[str, int] | None:
+    """(checkpoints folder, step) when `path` is a trainer step folder, or a checkpoints folder (its latest
+    finished step); None otherwise."""
+    path = os.path.abspath(os.fspath(path))
+
+    def finished(folder: str) -> bool:
+        return os.path.isdir(os.path.join(folder, "params")) and os.path.isdir(os.path.join(folder, "meta"))
+
+    if finished(path) and os.path.basename(path).isdigit():
+        return os.path.dirname(path), int(os.path.basename(path))
+    if os.path.isdir(path):
+        steps = [int(n) for n in os.listdir(path) if n.isdigit() and finished(os.path.join(path, n))]
+        if steps:
+            return path, max(steps)
+    return None
+
+
+@contextlib.contextmanager
+def _manager(directory: str):
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(directory, item_names=("params", "meta"))
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+def training_meta(path: str | os.PathLike) -> dict:
+    """The JSON record (step, run config, ...) of a trainer checkpoint."""
+    import orbax.checkpoint as ocp
+
+    located = training_step(path)
+    if located is None:
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no <step>/params and <step>/meta)")
+    directory, step = located
+    with _manager(directory) as manager:
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
+def training_base_model(path: str | os.PathLike) -> str | None:
+    """The base model folder a trainer checkpoint was trained from, as its run config names it."""
+    located = training_step(path)
+    if located is None:
+        return None
+    model = training_meta(path).get("config", {}).get("model", {})
+    if model.get("tiny"):
+        return os.path.join(os.path.dirname(located[0]), "tiny_model")  # <run_dir>/tiny_model, as the trainer builds it
+    return model.get("path") or None
+
+
+def load_training_checkpoint(model: nnx.Module, path: str | os.PathLike) -> list[str]:
+    """Apply the run's LoRA (its config's `lora` section) and restore the trained variables of a trainer
+    checkpoint: the adapters, or with rank 0 the fully fine-tuned parameters."""
+    import orbax.checkpoint as ocp
+
+    located = training_step(path)
+    if located is None:
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no <step>/params and <step>/meta)")
+    directory, step = located
+    settings = training_meta(path).get("config", {}).get("lora", {})
+    known = {f.name for f in dataclasses.fields(lora.LoRAConfig)}
+    config = lora.LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in known})
+    lora.apply_lora(model, config)
+    like = nnx.state(model, lora.trainable_filter(config))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x, like
+    )
+    with _manager(directory) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    nnx.update(model, restored["params"])
+    return [name for name, _ in lora.lora_layers(model)]
+
+
 def load_adapter(model: nnx.Module, path: str | os.PathLike) -> list[str]:
-    """Load a PEFT folder or an adapter checkpoint onto `model`, in place; returns the adapted layer paths."""
+    """Load a PEFT folder, an adapter checkpoint or a training checkpoint onto `model`, in place; returns the
+    adapted layer paths (empty for a fully fine-tuned training checkpoint)."""
     path = os.fspath(path)
     if os.path.exists(os.path.join(path, PEFT_CONFIG)):
         return load_peft_adapter(model, path)
@@ -302,9 +386,11 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> list[str]:
         return load_adapter_checkpoint(model, path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapter folder not found: {path}")
+    if training_step(path) is not None:
+        return load_training_checkpoint(model, path)
     raise FileNotFoundError(
-        f"{path} holds neither {PEFT_CONFIG} (a PEFT adapter) nor {LORA_CONFIG} + {ADAPTER_ITEM}/ (an adapter "
-        "checkpoint)"
+        f"{path} holds neither {PEFT_CONFIG} (a PEFT adapter), {LORA_CONFIG} + {ADAPTER_ITEM}/ (an adapter "
+        "checkpoint), nor <step>/params + <step>/meta (a training checkpoint)"
     )
 
 
@@ -322,7 +408,18 @@ def load_model(base: str, adapter: str | None = None, *, dtype: str = "float32",
     return model
 
 
-def export(base: str, out: str, *, adapter: str | None = None, fmt: str = "merged", dtype: str = "bfloat16",
+def resolve_base(base: str | None, adapter: str | None) -> str:
+    """The base model folder: `base` if given, else the one a training checkpoint's run config names."""
+    if base:
+        return base
+    found = training_base_model(adapter) if adapter else None
+    if not found:
+        raise ValueError("no base model: pass the Hugging Face folder (--base / config.model.path); only a training "
+                         "checkpoint names its own base")
+    return found
+
+
+def export(base: str | None, out: str, *, adapter: str | None = None, fmt: str = "merged", dtype: str = "bfloat16",
            max_shard_bytes: int = 4 * 1024**3, layout: str = "transformers") -> dict:
     """Write `out` as a merged Hugging Face folder (fmt "merged") or a PEFT adapter (fmt "peft").
 
@@ -331,6 +428,7 @@ def export(base: str, out: str, *, adapter: str | None = None, fmt: str = "merge
     """
     from speciarl_jax.models.qwen2_5_vl import save_pretrained
 
+    base = resolve_base(base, adapter)
     if fmt not in ("merged", "peft"):
         raise ValueError(f"export format must be 'merged' or 'peft', got {fmt!r}")
     if dtype not in _DTYPES:
@@ -356,7 +454,7 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    summary = export(f.base, f.out, adapter=f.adapter or None, fmt=f.format, dtype=f.dtype,
+    summary = export(f.base or None, f.out, adapter=f.adapter or None, fmt=f.format, dtype=f.dtype,
                      max_shard_bytes=int(f.max_shard_gb * 1024**3), layout=f.layout)
     print(json.dumps(summary))
 
@@ -364,8 +462,10 @@ def main(argv):
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("base", None, "base model: a Hugging Face Qwen2.5-VL folder", required=True)
-    flags.DEFINE_string("adapter", "", "PEFT folder or adapter checkpoint (lora_config.json + adapter/)")
+    flags.DEFINE_string("base", "", "base model: a Hugging Face Qwen2.5-VL folder (default: the one a training "
+                        "checkpoint names)")
+    flags.DEFINE_string("adapter", "", "PEFT folder, training checkpoint (<run>/checkpoints/<step>) or adapter "
+                        "checkpoint (lora_config.json + adapter/)")
     flags.DEFINE_string("out", None, "output folder", required=True)
     flags.DEFINE_enum("format", "merged", ["merged", "peft"], "a full merged model, or the adapter alone (PEFT)")
     flags.DEFINE_enum("dtype", "bfloat16", sorted(_DTYPES), "storage dtype of the written tensors")

@@ -45,8 +45,17 @@ def tiny_config(checkpoint, output_dir):
 
 
 def test_tiny_model_on_mock_tfds_and_synthetic_world(tiny_checkpoint, tmp_path):
+    """The tiny model with the LoRA of a training checkpoint; the base folder comes from the checkpoint."""
+    from test_export import adapted_model, save_training_checkpoint
+
+    from speciarl_jax.models import lora
+
+    model = adapted_model(tiny_checkpoint, config=lora.LoRAConfig(rank=2, alpha=4.0))
+    save_training_checkpoint(model, tmp_path / "run", 4, tiny_checkpoint, {"rank": 2, "alpha": 4.0})
     out = tmp_path / "tiny"
     config = tiny_config(tiny_checkpoint, out)
+    config.model.path = ""
+    config.model.adapter = str(tmp_path / "run" / "checkpoints")
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         rows = evaluate.evaluate(config)
         pets_names = {n.replace("_", " ") for n in tfds.builder("oxford_iiit_pet").info.features["label"].names}
@@ -70,6 +79,11 @@ def test_tiny_model_on_mock_tfds_and_synthetic_world(tiny_checkpoint, tmp_path):
     assert "correctness_low" in header and "share/parse failure" in header
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["timing"]["pets"]["generated"] == 6 and summary["samples_per_image"] == 1
+    run = json.loads((out / "run.json").read_text())["fingerprint"]["model"]
+    assert run["path"] == str(tiny_checkpoint) and run["adapter"] == str(tmp_path / "run" / "checkpoints" / "4")
+    config.model.name = ""
+    assert evaluate.model_name(config) == "run step 4"
+    config.model.name = "tiny"
 
     # A second run finds everything done: nothing is generated (no model is even loaded) or graded again.
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):

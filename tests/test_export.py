@@ -168,3 +168,41 @@ def test_command_line(tiny_checkpoint, peft_folder, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["layers"] == 14
     assert (tmp_path / "served" / "adapter_model.safetensors").exists()
+
+
+def save_training_checkpoint(model, run_dir, step, base, lora_settings):
+    """A checkpoint as the trainer writes it (speciarl_jax.checkpoint.Checkpointer)."""
+    from flax import nnx
+
+    from speciarl_jax.checkpoint import Checkpointer
+
+    _, params, _ = nnx.split(model, lora.LoRAWeight, ...)
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    checkpointer.save(step, params=params, opt_state={"count": np.zeros(())},
+                      meta={"step": step, "config": {"model": {"path": str(base), "tiny": False}, "lora": lora_settings}})
+    checkpointer.close()
+
+
+def test_training_checkpoint_loads_and_exports(tiny_checkpoint, tmp_path):
+    model = adapted_model(tiny_checkpoint, config=lora.LoRAConfig(rank=4, alpha=8.0), seed=13)
+    expected = our_logits(model)
+    run = tmp_path / "run"
+    save_training_checkpoint(model, run, 3, tiny_checkpoint, {"rank": 4, "alpha": 8.0})
+    perturbed = adapted_model(tiny_checkpoint, config=lora.LoRAConfig(rank=4, alpha=8.0), seed=14)
+    save_training_checkpoint(perturbed, run, 7, tiny_checkpoint, {"rank": 4, "alpha": 8.0})
+    assert export.training_step(run / "checkpoints") == (str(run / "checkpoints"), 7)  # the latest step
+    assert export.training_step(run / "checkpoints" / "3") == (str(run / "checkpoints"), 3)
+    assert export.training_step(tmp_path) is None
+    assert export.training_base_model(run / "checkpoints" / "3") == str(tiny_checkpoint)
+    fresh = from_pretrained(tiny_checkpoint)
+    assert len(export.load_adapter(fresh, run / "checkpoints" / "3")) == 14
+    np.testing.assert_array_equal(our_logits(fresh), expected)
+    # --base may be left out: the checkpoint's run config names it.
+    summary = export.export(None, str(tmp_path / "peft"), adapter=str(run / "checkpoints" / "3"), fmt="peft",
+                            dtype="float32")
+    assert summary["layers"] == 14
+    again = from_pretrained(tiny_checkpoint)
+    export.load_adapter(again, tmp_path / "peft")
+    np.testing.assert_array_equal(our_logits(again), expected)
+    with pytest.raises(ValueError, match="no base model"):
+        export.export(None, str(tmp_path / "x"), adapter=str(tmp_path / "peft"))
