@@ -279,3 +279,17 @@ def test_commands(tmp_path):
     assert (tmp_path / "both" / "correctness_specificity.png").stat().st_size > 0
     rows = reports.load_rows(runs[1])
     assert np.isfinite(rows[0]["correctness"])
+
+
+@pytest.mark.parametrize("name", ["eval_benchmarks", "eval_best_of_n", "eval_synthetic"])
+def test_config_files_are_valid(name):
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.model.path = config.model.path or "/models/qwen"
+    evaluate.validate(config)
+    assert evaluate.selected_datasets(config)
+    if name == "eval_best_of_n":
+        assert (config.decoding.n, config.decoding.temperature, config.decoding.top_p) == (64, 0.6, 0.95)
+    if name == "eval_benchmarks":
+        assert list(evaluate.selected_datasets(config)) == ["cub", "aircraft", "flowers", "food", "pets", "cars"]
