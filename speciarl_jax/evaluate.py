@@ -604,9 +604,10 @@ def summarise(config, store: RecordStore, sample_ids: Mapping[str, Sequence[str]
     rows = []
     b = config.bootstrap
     for label, mode in _selections(config):
-        per_dataset = {}
+        per_dataset, missing = {}, {}
         for dataset, ids in sample_ids.items():
             per_image = collect_categories(store, dataset, ids, n)
+            missing[dataset] = len(ids) - len(per_image)  # skipped bad examples, or verdicts still to come
             per_dataset[dataset] = ([c for cs in per_image for c in cs] if mode == "all"
                                     else metrics.select(per_image, mode))
         # Samples of one image are not independent, so pooled per-sample rows get no bootstrap interval.
@@ -615,7 +616,9 @@ def summarise(config, store: RecordStore, sample_ids: Mapping[str, Sequence[str]
         if len(per_dataset) == 1:
             results = {k: v for k, v in results.items() if k not in ("overall", "mean")}
         for dataset, m in results.items():
-            rows.append({"model": model_name(config), "selection": label, "dataset": dataset, **m.to_dict()})
+            lost = missing.get(dataset, sum(missing.values()))
+            rows.append({"model": model_name(config), "selection": label, "dataset": dataset, "missing": lost,
+                         **m.to_dict()})
     return rows
 
 

@@ -60,16 +60,21 @@ def _percent(value) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """One line per (model, selection, data set): n, C / S / HM with 95% intervals, score, category shares in %."""
+    """One line per (model, selection, data set): n, C / S / HM with 95% intervals, score, category shares in %.
+
+    A "missing" column (images of the selection without an answer: skipped bad examples) appears when any row
+    has some."""
     selections = {r["selection"] for r in rows}
-    head = ["model"] + (["selection"] if len(selections) > 1 else []) + ["data set", "n", "C [95% CI]",
-                                                                       "S [95% CI]", "HM [95% CI]", "score"]
+    show_missing = any(r.get("missing") for r in rows)
+    head = ["model"] + (["selection"] if len(selections) > 1 else []) + ["data set", "n"]
+    head += (["missing"] if show_missing else []) + ["C [95% CI]", "S [95% CI]", "HM [95% CI]", "score"]
     head += [f"{SHORT[c]} %" for c in BAR_CATEGORIES]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["model"]] + ([r["selection"]] if len(selections) > 1 else []) + [
-            r["dataset"], str(r["n"]), _with_interval(r, "correctness"), _with_interval(r, "specificity"),
-            _with_interval(r, "hm"), _number(r.get("score")),
+        cells = [r["model"]] + ([r["selection"]] if len(selections) > 1 else []) + [r["dataset"], str(r["n"])]
+        cells += ([str(r.get("missing", 0))] if show_missing else []) + [
+            _with_interval(r, "correctness"), _with_interval(r, "specificity"), _with_interval(r, "hm"),
+            _number(r.get("score")),
         ]
         cells += [_percent(r.get(f"share/{c}")) for c in BAR_CATEGORIES]
         lines.append("| " + " | ".join(cells) + " |")

@@ -73,6 +73,7 @@ def test_tiny_model_on_mock_tfds_and_synthetic_world(tiny_checkpoint, tmp_path):
         if p["answer"] is None:
             assert verdicts[(p["dataset"], p["sample_id"])] == cat.PARSE_FAILURE
     assert [(r["dataset"], r["n"]) for r in rows] == [("pets", 6), ("synthetic", 5), ("overall", 11), ("mean", 11)]
+    assert all(r["missing"] == 0 for r in rows)
     table = (out / "report.md").read_text()
     assert table.count("\n| tiny |") == 4 and "C [95% CI]" in table
     header = (out / "metrics.csv").read_text().splitlines()[0]
