@@ -381,6 +381,7 @@ class Learner:
                 lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
             state = jax.device_put(state, state_shardings)
         self.state = state
+        self._state_shardings = state_shardings
         self._train_step = jax.jit(
             make_train_step(self.graphdef, config, self.tx, mesh), donate_argnums=(0,),
             out_shardings=(state_shardings, None) if mesh is not None else None, compiler_options=compiler_options,
@@ -440,6 +441,14 @@ class Learner:
         out["optimizer_steps"] = int(self.state.step) - steps_before
         out["learning_rate"] = float(learning_rate_schedule(self.config)(int(self.state.step) - 1))
         return out
+
+    def set_state(self, state: TrainState) -> None:
+        """Adopt a state (e.g. restored from a checkpoint): placed like the initial one, so the compiled step is
+        reused, and written into the model."""
+        if self._state_shardings is not None:
+            state = jax.device_put(state, self._state_shardings)
+        self.state = state
+        nnx.update(self.model, state.params)
 
     def trainable_state(self):
         """The trainable variables (adapters under LoRA): what an adapter checkpoint needs to hold."""
