@@ -343,13 +343,22 @@ def training_meta(path: str | os.PathLike) -> dict:
 
 
 def training_base_model(path: str | os.PathLike) -> str | None:
-    """The base model folder a trainer checkpoint was trained from, as its run config names it."""
+    """The folder whose weights a trainer checkpoint's adapters (or fine-tuned weights) apply to: the SFT model
+    `<run>/sft_model` when the run warm-started with SFT, else the run's base (`model.path`, or
+    `<run>/tiny_model` for `model.tiny`). None when `path` is not a training checkpoint."""
     located = training_step(path)
     if located is None:
         return None
-    model = training_meta(path).get("config", {}).get("model", {})
+    run_dir = os.path.dirname(located[0])
+    config = training_meta(path).get("config", {})
+    if config.get("sft", {}).get("enabled"):
+        sft = os.path.join(run_dir, "sft_model")
+        if not os.path.exists(os.path.join(sft, "config.json")):
+            raise FileNotFoundError(f"{path} was trained after SFT, but the SFT model {sft} is missing")
+        return sft
+    model = config.get("model", {})
     if model.get("tiny"):
-        return os.path.join(os.path.dirname(located[0]), "tiny_model")  # <run_dir>/tiny_model, as the trainer builds it
+        return os.path.join(run_dir, "tiny_model")
     return model.get("path") or None
 
 
@@ -410,9 +419,12 @@ def load_model(base: str, adapter: str | None = None, *, dtype: str = "float32",
 
 def resolve_base(base: str | None, adapter: str | None) -> str:
     """The base model folder: `base` if given, else the one a training checkpoint's run config names."""
-    if base:
-        return base
     found = training_base_model(adapter) if adapter else None
+    if base:
+        if found and os.path.abspath(found) != os.path.abspath(base):
+            log.warning("the training checkpoint %s was trained on %s, but %s was given as its base", adapter, found,
+                        base)
+        return base
     if not found:
         raise ValueError("no base model: pass the Hugging Face folder (--base / config.model.path); only a training "
                          "checkpoint names its own base")

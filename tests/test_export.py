@@ -206,3 +206,22 @@ def test_training_checkpoint_loads_and_exports(tiny_checkpoint, tmp_path):
     np.testing.assert_array_equal(our_logits(again), expected)
     with pytest.raises(ValueError, match="no base model"):
         export.export(None, str(tmp_path / "x"), adapter=str(tmp_path / "peft"))
+
+
+def test_a_run_with_sft_applies_its_adapters_to_the_sft_model(tiny_checkpoint, tmp_path):
+    from flax import nnx
+
+    from speciarl_jax.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    model = adapted_model(tiny_checkpoint, config=lora.LoRAConfig(rank=2, alpha=2.0))
+    _, params, _ = nnx.split(model, lora.LoRAWeight, ...)
+    checkpointer = Checkpointer(run / "checkpoints")
+    checkpointer.save(1, params=params, opt_state={"count": np.zeros(())}, meta={"config": {
+        "model": {"tiny": True}, "sft": {"enabled": True}, "lora": {"rank": 2, "alpha": 2.0}}})
+    checkpointer.close()
+    with pytest.raises(FileNotFoundError, match="trained after SFT, but the SFT model"):
+        export.training_base_model(run / "checkpoints")
+    (run / "sft_model").mkdir()
+    (run / "sft_model" / "config.json").write_text("{}")
+    assert export.training_base_model(run / "checkpoints") == str(run / "sft_model")
