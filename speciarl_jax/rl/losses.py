@@ -112,6 +112,14 @@ def policy_loss(logp, old_logp, advantages, mask, eps_low: float, eps_high: floa
     return aggregate(per_token, mask, mode, max_len), metrics
 
 
+def canonical_kl_kind(kind: str) -> str:
+    """The estimator's name with the k1 / k2 / k3 aliases resolved; raises on an unknown name."""
+    name = _KL_ALIASES.get(kind, kind)
+    if name not in KL_KINDS:
+        raise ValueError(f"Unknown KL estimator {kind!r}; choose one of {KL_KINDS} (or k1 / k2 / k3).")
+    return name
+
+
 def kl_penalty(logp, ref_logp, kind: str):
     """Per-token estimate [B, T] of KL(policy || reference) from sampled-token log-probabilities.
 
@@ -120,7 +128,7 @@ def kl_penalty(logp, ref_logp, kind: str):
     mse (k2):        (logp - ref_logp)^2 / 2
     low_var_kl (k3): d = clip(ref_logp - logp, -20, 20); clip(exp(d) - d - 1, -10, 10)
     """
-    kind = _KL_ALIASES.get(kind, kind)
+    kind = canonical_kl_kind(kind)
     logp = jnp.asarray(logp, jnp.float32)
     ref_logp = jnp.asarray(ref_logp, jnp.float32)
     diff = logp - ref_logp
@@ -130,7 +138,5 @@ def kl_penalty(logp, ref_logp, kind: str):
         return jnp.abs(diff)
     if kind == "mse":
         return 0.5 * diff * diff
-    if kind == "low_var_kl":
-        d = jnp.clip(-diff, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-        return jnp.clip(jnp.exp(d) - d - 1.0, -LOW_VAR_KL_BOUND, LOW_VAR_KL_BOUND)
-    raise ValueError(f"Unknown KL estimator {kind!r}; choose one of {KL_KINDS} (or k1 / k2 / k3).")
+    d = jnp.clip(-diff, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # low_var_kl
+    return jnp.clip(jnp.exp(d) - d - 1.0, -LOW_VAR_KL_BOUND, LOW_VAR_KL_BOUND)

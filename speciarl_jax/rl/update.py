@@ -85,8 +85,7 @@ class RLConfig:
         losses._check_mode(self.loss_agg_mode, self.max_response_len or 1)
         if self.kl_coef < 0 or self.entropy_coef < 0:
             raise ValueError(f"RLConfig.kl_coef ({self.kl_coef}) and entropy_coef ({self.entropy_coef}) must be >= 0.")
-        if self.kl_coef > 0:
-            losses.kl_penalty(jnp.zeros(1), jnp.zeros(1), self.kl_kind)  # fails early on an unknown estimator
+        losses.canonical_kl_kind(self.kl_kind)
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"RLConfig needs 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low} / {self.eps_high}.")
         if self.clip_c is not None and self.clip_c <= 1:
