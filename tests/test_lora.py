@@ -53,7 +53,8 @@ def test_default_targets_are_the_language_model_linears(adapted, tiny_checkpoint
     count = lora.count_parameters(adapted, CONFIG)
     per_layer = sum(4 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)])
     assert count.trainable == 2 * per_layer and count.adapted_layers == 14
-    base = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(from_pretrained(tiny_checkpoint), nnx.Param)))
+    base_params = nnx.state(from_pretrained(tiny_checkpoint), nnx.Param)
+    base = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(base_params))
     assert count.total == base + count.trainable
     assert "trainable of" in str(count)
 
@@ -66,7 +67,8 @@ def test_patterns_and_their_errors(tiny_checkpoint):
         "language_model.layers.1.self_attn.q_proj", "language_model.layers.1.self_attn.v_proj",
     ]
     vision = lora.LoRAConfig(rank=2, targets=(r"visual\.blocks\.0\.attn\..*",), excludes=())
-    assert lora.apply_lora(from_pretrained(tiny_checkpoint), vision) == ["visual.blocks.0.attn.proj", "visual.blocks.0.attn.qkv"]
+    adapted = lora.apply_lora(from_pretrained(tiny_checkpoint), vision)
+    assert adapted == ["visual.blocks.0.attn.proj", "visual.blocks.0.attn.qkv"]
     with pytest.raises(ValueError, match="match no nnx.Linear"):
         lora.apply_lora(from_pretrained(tiny_checkpoint), lora.LoRAConfig(targets=(r"nothing\..*",)))
     with pytest.raises(ValueError, match="lm_head is not supported"):
@@ -140,7 +142,8 @@ def test_adapters_follow_the_mesh(tiny_checkpoint):
 
 def test_full_finetuning_filter_selects_the_language_model(tiny_checkpoint):
     model = from_pretrained(tiny_checkpoint)
-    names = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, lora.trainable_filter(lora.LoRAConfig(rank=0))))]
+    trained = nnx.state(model, lora.trainable_filter(lora.LoRAConfig(rank=0)))
+    names = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(trained)]
     assert "lm_head.kernel" in names and "language_model.embed_tokens.embedding" in names
     assert not any(n.startswith("visual") for n in names)
 

@@ -80,8 +80,9 @@ def test_rollout_logprobs_with_images_match_a_full_forward(tiny_checkpoint, tiny
         with lora.adapters_disabled(m):
             off = forward()
         t = batch.input_ids.shape[1]
+        targets = batch.input_ids[:, t - response :, None]
         pick = lambda logits: jnp.take_along_axis(  # noqa: E731
-            jax.nn.log_softmax(logits[:, t - response - 1 : t - 1]), batch.input_ids[:, t - response :, None], -1)[..., 0]
+            jax.nn.log_softmax(logits[:, t - response - 1 : t - 1]), targets, -1)[..., 0]
         return pick(on), pick(off)
 
     expected, expected_reference = map(np.asarray, oracle(state))
@@ -123,7 +124,8 @@ def test_eight_devices_with_accumulation_give_the_same_update_as_one_device(tiny
     sharded_model = adapted_model(tiny_checkpoint, mesh=mesh)
     sharded_learner, sharded_metrics, sharded_params = _updated(
         sharded_model, update.preset("grpo", micro_batch_size=4, **settings), batch, mesh=mesh)
-    up_a = dict(nnx.to_flat_state(sharded_learner.state.params))[("language_model", "layers", 0, "mlp", "up_proj", "lora_a")]
+    trained = dict(nnx.to_flat_state(sharded_learner.state.params))
+    up_a = trained[("language_model", "layers", 0, "mlp", "up_proj", "lora_a")]
     assert len(up_a[...].sharding.device_set) == 8
     for key in ("loss", "pg_loss", "kl_loss", "entropy", "clip_fraction", "grad_norm"):
         assert sharded_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
@@ -165,5 +167,9 @@ def test_malformed_batches_and_sizes_are_named(tiny_checkpoint):
     learner = update.Learner(model, update.RLConfig(mini_batch_size=3, kl_coef=0.0))
     with pytest.raises(ValueError, match="not a multiple of RLConfig.mini_batch_size=3"):
         learner.step(batch.replace(old_logprobs=np.zeros((8, 6), np.float32)))
+    vision_adapted = from_pretrained(tiny_checkpoint)
+    lora.apply_lora(vision_adapted, lora.LoRAConfig(rank=2, targets=(r"visual\.merger\..*",), excludes=()))
+    with pytest.raises(ValueError, match="keeps the vision tower frozen"):
+        update.Learner(vision_adapted, update.RLConfig())
     with pytest.raises(ValueError, match="selects no variables"):
         update.Learner(from_pretrained(tiny_checkpoint), update.RLConfig(), trainable=lora.LoRAWeight)

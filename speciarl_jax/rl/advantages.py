@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO, Dr.GRPO): each rollout's reward is compared with the other rollouts of its prompt."""
+"""Group-relative advantages (GRPO, Dr.GRPO): each rollout's reward is compared with its prompt's other rollouts."""
 
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def make_rollout_batch(config, prompts: dict, responses, response_mask, advantag
     if has_images and image_features is None:
         raise ValueError("The prompts hold image tokens: pass image_features (model.encode_images of their images).")
     grid = prompts.get("image_grid_thw") if has_images else None
-    input_ids = np.concatenate([np.repeat(prompt_ids, num_samples, 0), np.where(response_mask > 0, responses, pad_token_id)], 1)
+    responses = np.where(response_mask > 0, responses, pad_token_id)
+    input_ids = np.concatenate([np.repeat(prompt_ids, num_samples, 0), responses], 1)
     attention = np.concatenate([np.repeat(prompt_mask, num_samples, 0), response_mask], 1)
     return RolloutBatch(
         input_ids=input_ids,
@@ -128,11 +129,13 @@ def check_batch(batch: RolloutBatch) -> None:
     for name, shape in expected.items():
         value = getattr(batch, name)
         if value is not None and tuple(np.shape(value)) != shape:
-            raise ValueError(f"RolloutBatch.{name} has shape {tuple(np.shape(value))}, expected {shape} (B={b}, T={t}, R={r}).")
+            raise ValueError(
+                f"RolloutBatch.{name} has shape {tuple(np.shape(value))}, expected {shape} (B={b}, T={t}, R={r}).")
     if np.shape(batch.advantages) not in ((b,), (b, r)):
-        raise ValueError(f"RolloutBatch.advantages has shape {np.shape(batch.advantages)}, expected ({b},) or ({b}, {r}).")
+        raise ValueError(
+            f"RolloutBatch.advantages has shape {np.shape(batch.advantages)}, expected ({b},) or ({b}, {r}).")
     if r >= t:
-        raise ValueError(f"The response ({r} columns) must be shorter than the rows ({t} columns): a prompt comes first.")
+        raise ValueError(f"The response ({r} columns) must be shorter than the rows ({t} columns): prompts come first.")
     if (batch.image_features is None) != (batch.image_offsets is None):
         raise ValueError("image_features and image_offsets go together: pass both or neither.")
 

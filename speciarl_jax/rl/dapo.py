@@ -76,7 +76,8 @@ def fill_train_batch(
     result holds exactly `train_groups` groups. Raises DynamicSamplingError after `max_generation_batches` calls.
     """
     if train_groups < 1 or max_generation_batches < 1:
-        raise ValueError(f"train_groups ({train_groups}) and max_generation_batches ({max_generation_batches}) must be >= 1.")
+        raise ValueError(
+            f"train_groups ({train_groups}) and max_generation_batches ({max_generation_batches}) must be >= 1.")
     kept: list[dict[str, np.ndarray]] = []
     groups_kept = groups_generated = groups_dropped = 0
     for call in range(max_generation_batches):

@@ -19,7 +19,7 @@ def _check_mode(mode: str, max_len) -> None:
     if mode not in AGGREGATION_MODES:
         raise ValueError(f"Unknown loss aggregation mode {mode!r}; choose one of {AGGREGATION_MODES}.")
     if mode == "seq-mean-token-sum-norm" and (max_len is None or max_len <= 0):
-        raise ValueError("Aggregation 'seq-mean-token-sum-norm' needs max_len (the configured maximum response length).")
+        raise ValueError("Aggregation 'seq-mean-token-sum-norm' needs max_len (the configured maximum response length)")
 
 
 def aggregate(values, mask, mode: str, max_len: int | None = None):

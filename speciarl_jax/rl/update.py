@@ -87,7 +87,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.kl_coef ({self.kl_coef}) and entropy_coef ({self.entropy_coef}) must be >= 0.")
         losses.canonical_kl_kind(self.kl_kind)
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ValueError(f"RLConfig needs 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low} / {self.eps_high}.")
+            raise ValueError(
+                f"RLConfig needs 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low} / {self.eps_high}.")
         if self.clip_c is not None and self.clip_c <= 1:
             raise ValueError(f"RLConfig.clip_c must be > 1 or None, got {self.clip_c}.")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
@@ -99,7 +100,8 @@ class RLConfig:
             if value is not None and value < 1:
                 raise ValueError(f"RLConfig.{key} must be >= 1 or None, got {value}.")
         if self.ppo_epochs < 1 or self.logprob_chunk < 1:
-            raise ValueError(f"RLConfig.ppo_epochs ({self.ppo_epochs}) and logprob_chunk ({self.logprob_chunk}) must be >= 1.")
+            raise ValueError(
+                f"RLConfig.ppo_epochs ({self.ppo_epochs}) and logprob_chunk ({self.logprob_chunk}) must be >= 1.")
 
     @property
     def uses_kl(self) -> bool:
@@ -353,7 +355,13 @@ class Learner:
     def __init__(self, model, config: RLConfig, *, trainable=None, mesh=None, compiler_options=None):
         self.config = config
         self.mesh = mesh
-        self.has_adapters = any(True for _ in lora.lora_layers(model))
+        adapted = [name for name, _ in lora.lora_layers(model)]
+        self.has_adapters = bool(adapted)
+        in_vision = [name for name in adapted if name.startswith("visual.")]
+        if in_vision:
+            # The update reads precomputed image features, so these adapters would never get a gradient.
+            raise ValueError(f"The update keeps the vision tower frozen, but {in_vision[:3]} hold LoRA adapters; "
+                             "exclude visual.* from LoRAConfig.targets.")
         if trainable is None:
             trainable = lora.LoRAWeight if self.has_adapters else lora.trainable_filter(lora.LoRAConfig(rank=0))
         if hasattr(model, "language_model") and hasattr(model.language_model, "remat"):
