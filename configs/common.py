@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         path="",  # a local Hugging Face Qwen2.5-VL folder
         tiny=False,  # True: build the tiny random checkpoint in <run_dir>/tiny_model (tests, demo)
-        tiny_spec=ml_collections.ConfigDict(dict(hidden_size=64, num_layers=2, intermediate_size=128)),
+        tiny_spec=ml_collections.ConfigDict(dict(hidden_size=64, num_layers=2, intermediate_size=128, vision_hidden=32,
+                                                 vision_intermediate=64)),
         dtype="bfloat16",
     ))
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=32.0))  # rank 0: full fine-tuning
@@ -80,5 +81,6 @@ def base_config() -> ml_collections.ConfigDict:
         # The paper's SFT baseline trains on the labels themselves.
         levels=(1.0, 0.0, 0.0),
         think="",  # reasoning text written in the target before the answer ("" = an empty <think></think>)
+        train_vision=False,  # also train the vision tower (the paper keeps it frozen)
     ))
     return c

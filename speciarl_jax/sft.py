@@ -4,11 +4,13 @@ The target of each image is `<think>...</think><answer>NAME</answer>` followed b
 the label itself or, with probability `sft.levels[k]`, its k-th ancestor in the label hierarchy. The demo uses
 this to make a tiny random model answer mostly at the family or generic level, as real LMMs tend to; the
 paper's baseline (`levels=(1, 0, 0)`) trains on the labels themselves. The loss is the mean negative
-log-likelihood of the target tokens; the vision tower stays frozen, and LoRA or full fine-tuning follows the
-run's `lora` settings.
+log-likelihood of the target tokens. LoRA or full fine-tuning follows the run's `lora` settings; the vision
+tower is trained too when `sft.train_vision` is set (the demo's random tower has to learn to see).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,19 +67,34 @@ def tokenize_targets(processor, texts: list[str]) -> tuple[np.ndarray, np.ndarra
 
 
 def make_sft_step(graphdef, tx, chunk_size: int):
-    def loss_fn(params, frozen, batch):
+    """jitted (params, opt_state, frozen, batch, pixel_values, grids) -> (params, opt_state, loss, grad norm).
+
+    The image features are computed inside the loss, so a trainable vision tower gets gradients; `grids`
+    (a tuple of (t, h, w)) is static.
+    """
+
+    def loss_fn(params, frozen, batch, pixel_values, grids):
         model = nnx.merge(graphdef, params, frozen)
+        batch = batch.replace(image_features=model.encode_images(pixel_values, np.asarray(grids)))
         logp, _ = response_logprobs(model, batch, chunk_size)
         mask = batch.response_mask.astype(jnp.float32)
         return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
-    @jax.jit
-    def step(params, opt_state, frozen, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, batch)
+    @functools.partial(jax.jit, static_argnums=(5,))
+    def step(params, opt_state, frozen, batch, pixel_values, grids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, batch, pixel_values, grids)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
 
     return step
+
+
+def sft_filter(lora_config: lora.LoRAConfig, train_vision: bool):
+    """What SFT trains: the run's trainable set, plus the whole vision tower when asked."""
+    base = lora.trainable_filter(lora_config)
+    if not train_vision:
+        return base
+    return nnx.Any(base, nnx.All(nnx.Param, lambda path, _: path[0] == "visual"))
 
 
 def run_sft(trainer) -> dict[str, float]:
@@ -94,26 +111,30 @@ def run_sft(trainer) -> dict[str, float]:
     pipeline = pipeline_from_config(data_cfg, trainer.processor)
 
     model = trainer.model
-    graphdef, params, frozen = nnx.split(model, lora.trainable_filter(trainer.lora_config), ...)
+    graphdef, params, frozen = nnx.split(model, sft_filter(trainer.lora_config, cfg.train_vision), ...)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(cfg.learning_rate, weight_decay=0.0))
     opt_state = tx.init(params)
     step_fn = make_sft_step(graphdef, tx, trainer.rl_config.logprob_chunk)
     metrics = {}
     bar = tqdm(total=cfg.steps, desc="sft", disable=not trainer.is_main, dynamic_ncols=True)
     for step, batch in zip(range(cfg.steps), pipeline):
+        if trainer._stop_signal is not None:
+            from .trainer import TrainingInterrupted
+
+            raise TrainingInterrupted(f"Stopped by signal {trainer._stop_signal} during SFT (step {step}); SFT is not "
+                                      "checkpointed, so a resumed run starts it again.")
         tokens, mask = tokenize_targets(trainer.processor, [targets(label) for label in batch.labels])
-        features = trainer.sampler.image_features(model, batch.pixel_values, batch.image_grid_thw)
+        grids = tuple(tuple(int(v) for v in g) for g in batch.image_grid_thw)
+        # The features are computed inside the step; the rollout batch only needs a table of the right length.
+        tokens_per_image = np.prod(batch.image_grid_thw, axis=1) // model.config.vision.spatial_merge_size**2
+        placeholder = np.zeros((int(tokens_per_image.sum()), 1), np.float32)
         rows = make_rollout_batch(model.config, batch.model_inputs(), tokens, mask, np.zeros(len(tokens), np.float32),
-                                  num_samples=1, image_features=features, pad_token_id=trainer.processor.pad_token_id)
-        params, opt_state, loss, grad_norm = step_fn(params, opt_state, frozen, rows)
+                                  num_samples=1, image_features=placeholder, pad_token_id=trainer.processor.pad_token_id)
+        params, opt_state, loss, grad_norm = step_fn(params, opt_state, frozen, rows, batch.pixel_values, grids)
         nnx.update(model, params)
         metrics = {"loss": float(loss), "grad_norm": float(grad_norm), "step": step + 1}
         bar.update(1)
         bar.set_postfix_str(f"loss {metrics['loss']:.3f}")
     bar.close()
-    # The learner keeps its own copy of the trainable weights; start RL from the fine-tuned ones.
-    trainer.learner.state = trainer.learner.state.replace(params=jax.tree.map(jnp.copy, params))
-    if trainer.learner.reference is not None:
-        trainer.learner.reference = jax.tree.map(jnp.copy, params)
     logging.info("SFT finished: %s", metrics)
     return metrics

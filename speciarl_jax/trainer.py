@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -193,13 +194,15 @@ class Rollouts:
 
 
 class Trainer:
-    def __init__(self, config):
+    """Args: config: the run config (configs/common.py); devices: the devices of the mesh (default: all)."""
+
+    def __init__(self, config, devices=None):
         validate(config)
         self.config = config
         self.run_dir = run_dir_of(config)
         os.makedirs(self.run_dir, exist_ok=True)
         self.is_main = jax.process_index() == 0
-        self.mesh = parallel.make_mesh(**config.mesh.to_dict())
+        self.mesh = parallel.make_mesh(**config.mesh.to_dict(), devices=devices)
 
         self.model_dir = prepare_model_dir(config, self.run_dir)
         self.train_data_cfg = data_config(config.data, extra={"num_epochs": None})
@@ -209,14 +212,11 @@ class Trainer:
         self.pipeline = pipeline_from_config(self.train_data_cfg, self.processor)
         self.total_steps = config.steps or config.epochs * self.pipeline.batches_per_epoch
 
-        self.model = from_pretrained(self.model_dir, dtype=config.model.dtype, mesh=self.mesh)
         self.lora_config = lora_config_of(config)
-        if self.lora_config.enabled:
-            lora.apply_lora(self.model, self.lora_config)
-        logging.info("policy: %s", lora.count_parameters(self.model, self.lora_config))
         self.rl_config = rl_config_of(config, self.total_steps)
-        self.learner = Learner(self.model, self.rl_config, trainable=lora.trainable_filter(self.lora_config),
-                               mesh=self.mesh)
+        self.sft_dir = os.path.join(self.run_dir, "sft_model")
+        self.sft_done = not config.sft.enabled or os.path.exists(os.path.join(self.sft_dir, "config.json"))
+        self.build_policy(self.sft_dir if config.sft.enabled and self.sft_done else self.model_dir)
         self.sampler = Sampler(prompt_bucket=config.rollout.prompt_bucket, mesh=self.mesh)
         self.verifier = build_verifier(config)
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=config.keep_checkpoints)
@@ -224,12 +224,38 @@ class Trainer:
         self.rng = jax.random.key(config.seed)
         self.noise_rng = np.random.default_rng(config.reward.noise_seed)
         self.step = 0
-        self.sft_done = not config.sft.enabled
         self.data_iter = None
         self._stop_signal = None
         if self.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
+
+    def build_policy(self, folder: str) -> None:
+        """Load the policy from a Hugging Face folder, add adapters, and make a learner for it."""
+        self.model = from_pretrained(folder, dtype=self.config.model.dtype, mesh=self.mesh)
+        if self.lora_config.enabled:
+            lora.apply_lora(self.model, self.lora_config)
+        logging.info("policy from %s: %s", folder, lora.count_parameters(self.model, self.lora_config))
+        self.learner = Learner(self.model, self.rl_config, trainable=lora.trainable_filter(self.lora_config),
+                               mesh=self.mesh)
+
+    def warm_start(self) -> dict:
+        """SFT, then save the result as a Hugging Face folder and start RL from it: the reference policy of the
+        KL term is then the fine-tuned model, and a resumed run reloads it instead of repeating SFT."""
+        from .models.qwen2_5_vl import save_pretrained
+        from .sft import run_sft
+
+        metrics = run_sft(self)
+        lora.merge_lora(self.model)
+        if self.is_main:
+            tmp = self.sft_dir + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_pretrained(self.model, tmp, copy_from=self.model_dir)
+            os.replace(tmp, self.sft_dir)  # a folder with config.json means a finished SFT
+        _sync_processes("sft_model")
+        self.sft_done = True
+        self.build_policy(self.sft_dir)
+        return metrics
 
     # ---- checkpoints ----
 
@@ -237,7 +263,6 @@ class Trainer:
         meta = {
             "step": self.step,
             "optimizer_steps": int(self.learner.state.step),
-            "sft_done": self.sft_done,
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
             "noise_rng": self.noise_rng.bit_generator.state,
             "data": self.data_iter.get_state() if self.data_iter is not None else None,
@@ -262,7 +287,6 @@ class Trainer:
                                            step=jax.numpy.asarray(meta.get("optimizer_steps", 0), state.step.dtype))
         nnx.update(self.model, params)
         self.step = int(meta["step"])
-        self.sft_done = bool(meta["sft_done"])
         self.rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         self.noise_rng.bit_generator.state = meta["noise_rng"]
         self._data_state = meta.get("data")
@@ -395,11 +419,7 @@ class Trainer:
         self._data_state = None
         self.restore()
         if not self.sft_done:
-            from .sft import run_sft
-
-            sft_metrics = run_sft(self)
-            self.writer.write(0, sft_metrics, prefix="sft/")
-            self.sft_done = True
+            self.writer.write(0, self.warm_start(), prefix="sft/")
         self.data_iter = self.pipeline.iterator(self._data_state)
         before = self.evaluate() if self.step == 0 else {}
         if before:

@@ -52,6 +52,18 @@ the a an of and or in on with is are this that it its none unknown species famil
 """.strip()
 
 
+def _corpus_lines() -> list[str]:
+    """The built-in text plus the project's own prompts and synthetic-world names, so that the prompts the
+    demo and tests send tokenize into few tokens (a tiny model's sequences stay short)."""
+    from ...data.prompts import PROMPTS
+    from ...data.synthetic import SyntheticWorld
+
+    world = SyntheticWorld()
+    names = [n for c in world.classes for n in (c.name, *c.synonyms)] + list(world.families) + [world.generic]
+    answers = [f"<think></think><answer>{n}</answer>" for n in names]
+    return _CORPUS.splitlines() + list(PROMPTS.values()) + names + answers
+
+
 @dataclasses.dataclass(frozen=True)
 class TinySpec:
     """Sizes of the random model. The defaults give a ~0.2M-parameter model for unit tests."""
@@ -67,7 +79,7 @@ class TinySpec:
     vision_heads: int = 2
     fullatt_block_indexes: tuple[int, ...] = (1,)
     window_size: int = 56  # 2x2 merged patches per window: small images already use several windows
-    tokenizer_vocab: int = 512
+    tokenizer_vocab: int = 1024
     tie_word_embeddings: bool = False
     min_pixels: int = 28 * 28
     max_pixels: int = 224 * 224
@@ -86,7 +98,7 @@ def build_tokenizer(spec: TinySpec = TinySpec()):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    bpe.train_from_iterator(_corpus_lines() * 4, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",

@@ -1,0 +1,162 @@
+"""The training loop end to end on the tiny model: each algorithm, resume, interrupted saves, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs.demo import get_config as demo_config
+from speciarl_jax.checkpoint import Checkpointer
+from speciarl_jax.trainer import Trainer, before_after_table
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(run_dir, **changes):
+    """The demo shrunk to seconds: a 2-layer model, 4 prompts x 4 samples, 12 new tokens."""
+    c = demo_config()
+    c.run_dir = str(run_dir)
+    c.model.tiny_spec.update(dict(hidden_size=64, intermediate_size=128, num_layers=2))
+    c.steps = 3
+    c.checkpoint_every = 2
+    c.data.batch_size = 4
+    c.rollout.num_samples = 4
+    c.rollout.max_new_tokens = 12
+    c.rl.mini_batch_size = 8  # two optimizer steps per batch
+    c.eval.enabled = False
+    c.sft.steps = 25
+    c.sft.batch_size = 16
+    c.sft.learning_rate = 3e-3
+    for key, value in changes.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def warm_model(tmp_path_factory):
+    """A tiny policy after a short SFT, as a Hugging Face folder; the RL tests start from it."""
+    run_dir = tmp_path_factory.mktemp("warm")
+    trainer = Trainer(small_config(run_dir, steps=0, epochs=0))  # SFT only
+    trainer.run()
+    assert os.path.exists(os.path.join(trainer.sft_dir, "config.json"))
+    return trainer.sft_dir
+
+
+def rl_config(run_dir, warm_model, **changes):
+    return small_config(run_dir, **{"model.tiny": False, "model.path": warm_model, "sft.enabled": False, **changes})
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def trainable(trainer):
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.learner.state.params)]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "drgrpo", "dapo"])
+def test_three_steps_of_each_algorithm(tmp_path, warm_model, algorithm):
+    trainer = Trainer(rl_config(tmp_path, warm_model, **{"rl.algorithm": algorithm}))
+    before = trainable(trainer)
+    trainer.run()
+    rows = [r for r in read_metrics(tmp_path) if "reward_mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert np.isfinite(r["update/loss"]) and r["update/optimizer_steps"] == 2
+        assert abs(sum(v for k, v in r.items() if k.startswith("share/")) - 1) < 1e-6
+        assert r["time/generate"] > 0 and r["time/update"] > 0
+    if algorithm == "dapo":
+        assert all(r["dapo/generation_batches"] >= 1 for r in rows)
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(before, trainable(trainer))), "the update changed nothing"
+
+
+def test_resume_reaches_the_same_parameters(tmp_path, warm_model):
+    straight = Trainer(rl_config(tmp_path / "straight", warm_model, steps=4))
+    straight.run()
+    first = Trainer(rl_config(tmp_path / "split", warm_model, steps=2))
+    first.run()
+    resumed = Trainer(rl_config(tmp_path / "split", warm_model, steps=4))
+    resumed.run()
+    assert resumed.step == 4
+    for a, b in zip(trainable(straight), trainable(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    steps = [r["step"] for r in read_metrics(tmp_path / "split") if "reward_mean" in r]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path, warm_model):
+    """A process dies while orbax finalises step 2: step 1 must stay the latest, complete checkpoint."""
+    run_dir = tmp_path / "killed"
+    config = rl_config(run_dir, warm_model, steps=2, checkpoint_every=1)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.to_json())
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {REPO!r})
+        from absl import flags
+        flags.FLAGS.mark_as_parsed()
+        from ml_collections import ConfigDict
+        from orbax.checkpoint._src.path import async_path
+        from speciarl_jax.trainer import Trainer
+
+        real_rename = async_path.rename
+
+        async def dying_rename(src, dst):
+            if str(dst).rstrip("/").endswith("checkpoints/2"):
+                os._exit(17)  # killed after step 2's data is written, before the rename that commits it
+            return await real_rename(src, dst)
+
+        async_path.rename = dying_rename
+        Trainer(ConfigDict(json.loads(open({str(config_file)!r}).read()))).run()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "XLA_FLAGS": ""})
+    assert result.returncode == 17, result.stderr[-3000:]
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    assert checkpointer.all_steps() == [1]
+    resumed = Trainer(rl_config(run_dir, warm_model, steps=2, checkpoint_every=1))
+    resumed.run()
+    assert resumed.step == 2 and Checkpointer(run_dir / "checkpoints").latest_step() == 2
+
+
+def test_eight_devices_match_one(tmp_path, warm_model):
+    one = Trainer(rl_config(tmp_path / "one", warm_model, steps=2), devices=jax.devices()[:1])
+    one.run()
+    eight = Trainer(rl_config(tmp_path / "eight", warm_model, steps=2, **{"mesh.fsdp": 4, "mesh.tensor": 2}))
+    assert eight.mesh.devices.size == 8
+    eight.run()
+    for a, b in zip(trainable(one), trainable(eight)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    m1 = [r for r in read_metrics(tmp_path / "one") if "reward_mean" in r]
+    m8 = [r for r in read_metrics(tmp_path / "eight") if "reward_mean" in r]
+    assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m8]
+
+
+def test_config_errors_fail_before_anything_compiles(tmp_path):
+    with pytest.raises(ValueError, match="mini_batch_size 7 does not divide"):
+        Trainer(small_config(tmp_path, **{"rl.mini_batch_size": 7}))
+    with pytest.raises(ValueError, match=r"reward.kind"):
+        Trainer(small_config(tmp_path, **{"reward.kind": "magic"}))
+    with pytest.raises(ValueError, match="model.path is empty"):
+        Trainer(small_config(tmp_path, **{"model.tiny": False}))
+
+
+def test_before_after_table():
+    before = {"eval/share/specific": 0.1, "eval/correctness": 0.9, "eval/specificity": 0.1, "eval/hm": 0.18,
+              "eval/score": 0.3}
+    after = {"eval/share/specific": 0.4, "eval/correctness": 0.88, "eval/specificity": 0.45, "eval/hm": 0.6,
+             "eval/score": 0.5}
+    table = before_after_table(before, after)
+    assert "| share/specific | 0.100 | 0.400 | +0.300 |" in table
+    assert "| correctness | 0.900 | 0.880 | -0.020 |" in table
