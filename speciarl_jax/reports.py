@@ -201,7 +201,8 @@ def plot_correctness_specificity(rows: Sequence[dict], path: str, *, connect: bo
             c = level * grid / (2 * grid - level)
         keep = (grid > level / 2) & (c >= 0) & (c <= 1)
         ax.plot(grid[keep], c[keep], ":", color="#999999", linewidth=0.8, zorder=0)
-        ax.annotate(f"HM {level}", (1.0, level / (2 - level)), fontsize=7, color="#777777", ha="right", va="bottom")
+        ax.annotate(f"HM {level}", (1.0, level / (2 - level)), xytext=(0, 3), textcoords="offset points", fontsize=7,
+                    color="#777777", ha="right", va="bottom")
     for d in datasets:
         points = []
         for s in series:
