@@ -3,17 +3,21 @@
     python -m speciarl_jax.evaluate --config=configs/eval_synthetic.py:runs/demo/tiny_model
     python -m speciarl_jax.evaluate --config=configs/eval_synthetic.py:simulated --config.output_dir=runs/eval/sim
 
-The argument is a Hugging Face model folder, or "simulated" for the weight-free answer generator of
-`evaluate.SimulatedPredictor` (its answer mix is `config.model.simulated`). No network, no API key.
+The argument is a Hugging Face model folder, a training checkpoint (`runs/demo/checkpoints/40`: its run config
+names the base), or "simulated" for the weight-free answer generator of `evaluate.SimulatedPredictor` (its answer
+mix is `config.model.simulated`). No network, no API key.
 """
 
 from speciarl_jax.evaluate import default_config
+from speciarl_jax.export import training_step
 
 
 def get_config(model: str = "simulated"):
     config = default_config()
     if model == "simulated":
         config.model.kind = "simulated"
+    elif training_step(model) is not None:
+        config.model.adapter = model
     else:
         config.model.path = model
     config.model.dtype = "float32"
