@@ -49,15 +49,18 @@ TEXT_SHAPES = {
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def build_model(size: str, dtype) -> Qwen25VL:
+def build_model(size: str, dtype, abstract: bool = False) -> Qwen25VL:
+    """Random weights of the given size; with abstract=True only their shapes (nothing is allocated)."""
     text = TextConfig(**TEXT_SHAPES[size])
     config = Qwen25VLConfig(text=text, vision=VisionConfig(out_hidden_size=text.hidden_size, **STUB_VISION),
                             image_token_id=text.vocab_size - 1, video_token_id=text.vocab_size - 2,
                             vision_start_token_id=text.vocab_size - 3, vision_end_token_id=text.vocab_size - 4,
                             bos_token_id=0, eos_token_id=1, pad_token_id=0)
     # Initialise on the device in one compiled program instead of op by op.
-    abstract = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract)
+    shapes = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    if abstract:
+        return shapes
+    graphdef, _ = nnx.split(shapes)
     state = jax.jit(lambda: nnx.split(Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))[1])()
     return nnx.merge(graphdef, state)
 
@@ -119,7 +122,11 @@ def main():
     parser.add_argument("--no-remat", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="no weights: compile the train step from shapes and print XLA's memory estimate")
     args = parser.parse_args()
+    if args.compile_only:
+        return compile_only(args)
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     start = time.perf_counter()
@@ -182,6 +189,35 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def compile_only(args):
+    """XLA's buffer sizes for the train step, from shapes only: a fit check before allocating a large model.
+
+    Caution on CPU: its scheduler runs the recomputed forwards of the unrolled decoder blocks early, so the
+    estimate there is close to the no-remat one.
+    """
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = build_model(args.size, dtype, abstract=True)
+    lora.apply_lora(model, lora.LoRAConfig(rank=args.rank, alpha=args.rank / 2))
+    config = update.preset("grpo", mini_batch_size=args.mini, micro_batch_size=args.micro,
+                           logprob_chunk=args.chunk, remat=not args.no_remat)
+    learner = update.Learner(model, config)
+    batch = random_rollouts(model.config, args.rows, args.samples, args.prompt, args.response)
+    per_token = np.zeros((args.rows, args.response), np.float32)
+    batch = batch.replace(old_logprobs=per_token, ref_logprobs=per_token)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
+    start = time.perf_counter()
+    analysis = learner.train_step.lower(learner.state, learner.frozen, batch).compile().memory_analysis()
+    result = {
+        "size": args.size, "device": jax.local_devices()[0].device_kind, "dtype": args.dtype, "rank": args.rank,
+        "rows": args.rows, "micro": args.micro, "prompt": args.prompt, "response": args.response,
+        "compile_s": round(time.perf_counter() - start, 1),
+        "arguments_gb": round(analysis.argument_size_in_bytes / 1e9, 2),
+        "outputs_gb": round(analysis.output_size_in_bytes / 1e9, 2),
+        "temporaries_gb": round(analysis.temp_size_in_bytes / 1e9, 2),
+    }
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig) -> list[str]:
 
 
 def _place_adapters(layer: LoRALinear) -> None:
-    sharding = getattr(layer.kernel[...], "sharding", None)
+    sharding = getattr(layer.kernel.get_value(), "sharding", None)  # also works on abstract (eval_shape) models
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return
     for var in (layer.lora_a, layer.lora_b):
