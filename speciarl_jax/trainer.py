@@ -283,9 +283,8 @@ class Trainer:
             return False
         state = self.learner.state
         params, opt_state, meta = checkpointer.restore(params_like=state.params, opt_state_like=state.opt_state)
-        self.learner.state = state.replace(params=params, opt_state=opt_state,
-                                           step=jax.numpy.asarray(meta.get("optimizer_steps", 0), state.step.dtype))
-        nnx.update(self.model, params)
+        self.learner.set_state(state.replace(params=params, opt_state=opt_state,
+                                             step=jax.numpy.asarray(meta["optimizer_steps"], state.step.dtype)))
         self.step = int(meta["step"])
         self.rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         self.noise_rng.bit_generator.state = meta["noise_rng"]

@@ -66,9 +66,10 @@ class Qwen25VL(nnx.Module):
         if image_features is None:
             return embeds
         is_image = input_ids == self.config.image_token_id
-        if _is_concrete(is_image) and int(is_image.sum()) != image_features.shape[0]:
+        # More feature rows than image tokens is allowed (padded tables); fewer would reuse the last row.
+        if _is_concrete(is_image) and int(is_image.sum()) > image_features.shape[0]:
             raise ValueError(
-                f"The prompts hold {int(is_image.sum())} image tokens but the images give "
+                f"The prompts hold {int(is_image.sum())} image tokens but the images give only "
                 f"{image_features.shape[0]} features; each <|image_pad|> run must match its image grid."
             )
         slot = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, image_features.shape[0] - 1)
