@@ -155,6 +155,14 @@ def validate(config) -> None:
         problems.append(f"reward.kind must be 'speciarl' or 'static', got {config.reward.kind!r}")
     if not 0 <= config.reward.noise <= 1:
         problems.append(f"reward.noise must be in [0, 1], got {config.reward.noise}")
+    try:
+        rl = rl_config_of(config, total_steps=1)
+    except ValueError as err:
+        problems.append(f"rl: {err}")
+    else:
+        if rl.overlong_buffer and rl.overlong_buffer >= config.rollout.max_new_tokens:
+            problems.append(f"rl.overlong_buffer {rl.overlong_buffer} must be below rollout.max_new_tokens "
+                            f"{config.rollout.max_new_tokens} (DAPO shapes rewards over the last buffer tokens)")
     if config.sft.enabled and abs(sum(config.sft.levels) - 1) > 1e-6:
         problems.append(f"sft.levels must sum to 1, got {list(config.sft.levels)}")
     if problems:
@@ -343,17 +351,15 @@ class Trainer:
             f"rewards in {self.rl_config.max_generation_batches} generation batches ({dropped} of {generated} groups "
             "had identical rewards). Raise rl.max_generation_batches, lower data.batch_size, or check the reward.")
 
-    def update(self, pieces: list[Rollouts], timings) -> dict:
+    def update(self, rollouts: Rollouts, timings) -> dict:
         start = time.perf_counter()
-        metrics = {}
-        n = self.config.rollout.num_samples
-        for piece in pieces:
-            advantages = group_advantages(piece.rewards, piece.group_ids, self.rl_config.normalize_std)
-            batch = make_rollout_batch(
-                self.model.config, piece.prompts.model_inputs(), piece.tokens, piece.response_mask, advantages,
-                num_samples=n, image_features=piece.image_features, pad_token_id=self.processor.pad_token_id,
-            )
-            metrics = self.learner.step(batch)
+        advantages = group_advantages(rollouts.rewards, rollouts.group_ids, self.rl_config.normalize_std)
+        batch = make_rollout_batch(
+            self.model.config, rollouts.prompts.model_inputs(), rollouts.tokens, rollouts.response_mask, advantages,
+            num_samples=self.config.rollout.num_samples, image_features=rollouts.image_features,
+            pad_token_id=self.processor.pad_token_id,
+        )
+        metrics = self.learner.step(batch)
         timings["update"] += time.perf_counter() - start
         return metrics
 
@@ -361,10 +367,9 @@ class Trainer:
         timings = collections.defaultdict(float)
         rng = jax.random.fold_in(self.rng, self.step)
         pieces, extra = self.collect(rng, timings)
-        update_metrics = self.update(pieces, timings)
-        categories = [c for p in pieces for c in p.categories]
-        rewards = np.concatenate([p.rewards for p in pieces])
-        lengths = np.concatenate([p.lengths for p in pieces])
+        rollouts = merge_rollouts(pieces, self.processor.pad_token_id)
+        update_metrics = self.update(rollouts, timings)
+        categories, rewards, lengths = rollouts.categories, rollouts.rewards, rollouts.lengths
         metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                    "response_length": float(lengths.mean()), **batch_report(categories), **extra}
         metrics.update({f"update/{k}": v for k, v in update_metrics.items()})
@@ -457,6 +462,41 @@ class Trainer:
         if self.step and self.checkpointer.latest_step() != self.step:
             self.save()
         return {"train": last, "eval_before": before, "eval_after": after}
+
+
+def merge_rollouts(pieces: list[Rollouts], pad_token_id: int) -> Rollouts:
+    """One batch from several generation batches (dynamic sampling): prompts re-padded on the left to the
+    widest, groups renumbered in order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    width = max(p.prompts.input_ids.shape[1] for p in pieces)
+    left = lambda a, value: np.pad(a, ((0, 0), (width - a.shape[1], 0)), constant_values=value)  # noqa: E731
+    first = pieces[0].prompts
+    prompts = dataclasses.replace(
+        first,
+        input_ids=np.concatenate([left(p.prompts.input_ids, pad_token_id) for p in pieces]),
+        attention_mask=np.concatenate([left(p.prompts.attention_mask, 0) for p in pieces]),
+        pixel_values=np.concatenate([p.prompts.pixel_values for p in pieces]),
+        image_grid_thw=np.concatenate([p.prompts.image_grid_thw for p in pieces]),
+        labels=[label for p in pieces for label in p.prompts.labels],
+        sample_ids=[i for p in pieces for i in p.prompts.sample_ids],
+        valid=np.concatenate([p.prompts.valid for p in pieces]),
+    )
+    features = None
+    if pieces[0].image_features is not None:
+        features = jax.numpy.concatenate([p.image_features for p in pieces])
+    offsets = np.cumsum([0] + [len(p.prompts.labels) for p in pieces[:-1]])
+    return Rollouts(
+        prompts,
+        np.concatenate([p.tokens for p in pieces]),
+        np.concatenate([p.response_mask for p in pieces]),
+        np.concatenate([p.lengths for p in pieces]),
+        features,
+        [t for p in pieces for t in p.texts],
+        [c for p in pieces for c in p.categories],
+        np.concatenate([p.rewards for p in pieces]),
+        np.concatenate([p.group_ids + o for p, o in zip(pieces, offsets)]),
+    )
 
 
 def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_token_id: int) -> Rollouts:

