@@ -63,7 +63,7 @@ class Sampler:
       mesh: if given, rows are sharded over its batch axes (`data`, `fsdp`).
     """
 
-    def __init__(self, *, prompt_bucket: int = 64, image_token_bucket: int = 256, mesh=None):
+    def __init__(self, *, prompt_bucket: int = 32, image_token_bucket: int = 256, mesh=None):
         self.prompt_bucket = prompt_bucket
         self.image_token_bucket = image_token_bucket
         self.mesh = mesh
