@@ -84,7 +84,7 @@ def make_sft_step(graphdef, tx, chunk_size: int):
     def step(params, opt_state, frozen, batch, pixel_values, grids):
         loss, grads = jax.value_and_grad(loss_fn)(params, frozen, batch, pixel_values, grids)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
     return step
 
