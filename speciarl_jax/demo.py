@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     )
     timings["generate"] = time.perf_counter() - start
 
-    texts = [processor.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+    texts = processor.decode_responses(out.tokens, out.lengths)
     labels = [e.label for e in examples for _ in range(args.samples)]
     answers = [parse_answer(t) for t in texts]
     start = time.perf_counter()

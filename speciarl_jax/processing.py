@@ -133,5 +133,9 @@ class Processor:
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).astype(np.int32)
         return batch
 
+    def decode_responses(self, tokens, lengths) -> list[str]:
+        """The text of each generated row [N, L], cut at its length [N]."""
+        return [self.decode(row[:n]) for row, n in zip(tokens, lengths)]
+
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(np.asarray(token_ids)), skip_special_tokens=skip_special_tokens)

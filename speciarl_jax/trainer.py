@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 from tqdm import tqdm
 
 from . import parallel
@@ -44,7 +43,7 @@ from .processing import Processor
 from .rewards import (best_prediction_rewards, inject_label_noise, parse_answer, static_rewards)
 from .rl import dapo
 from .rl.advantages import group_advantages
-from .rl.batch import make_rollout_batch
+from .rl.batch import make_rollout_batch, prompt_image_offsets
 from .rl.update import Learner, RLConfig, preset
 from .sampling import Sampler
 from .verifier import Taxonomy, VerifierError, make_verifier
@@ -313,7 +312,7 @@ class Trainer:
         )
         timings["generate"] += time.perf_counter() - start
         start = time.perf_counter()
-        texts = [self.processor.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+        texts = self.processor.decode_responses(out.tokens, out.lengths)
         labels = np.repeat(np.asarray(prompts.labels, object), cfg.num_samples)
         categories = self.verifier.classify([(label, parse_answer(t)) for label, t in zip(labels, texts)])
         group_ids = np.repeat(np.arange(len(prompts.labels)), cfg.num_samples)
@@ -397,7 +396,7 @@ class Trainer:
                 self.model, **batch.model_inputs(), max_new_tokens=cfg.max_new_tokens or self.config.rollout.max_new_tokens,
                 temperature=0.0, eos_token_ids=self.processor.eos_token_ids, pad_token_id=self.processor.pad_token_id,
             )
-            texts = [self.processor.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+            texts = self.processor.decode_responses(out.tokens, out.lengths)
             verdicts = self.verifier.classify([(l, parse_answer(t)) for l, t in zip(batch.labels, texts)])
             categories += [v for v, ok in zip(verdicts, batch.valid) if ok]
         return batch_report(categories, prefix)
@@ -505,8 +504,7 @@ def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_to
     prompts = batch.prompts.select(groups)
     features = None
     if batch.image_features is not None:
-        counts = (batch.prompts.input_ids == image_token_id).sum(1)
-        starts = np.concatenate([[0], np.cumsum(counts)])
+        starts = np.append(prompt_image_offsets(batch.prompts.input_ids, image_token_id), len(batch.image_features))
         features = jax.numpy.concatenate([batch.image_features[starts[g]:starts[g + 1]] for g in groups])
     return Rollouts(prompts, batch.tokens[rows], batch.response_mask[rows], batch.lengths[rows], features,
                     [batch.texts[r] for r in rows], [batch.categories[r] for r in rows], batch.rewards[rows],

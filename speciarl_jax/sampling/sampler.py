@@ -22,6 +22,7 @@ from flax import nnx
 
 from .. import parallel
 from ..models.qwen2_5_vl.rope import get_position_ids
+from ..models.qwen2_5_vl.vision import encode_by_grid
 from .distributions import SamplingParams, choose_tokens
 
 
@@ -206,22 +207,8 @@ class Sampler:
         return self._image_features(graphdef, state, pixel_values, image_grid_thw)
 
     def _image_features(self, graphdef, state, pixel_values, image_grid_thw):
-        grids = [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw).reshape(-1, 3)]
-        sizes = np.array([t * h * w for t, h, w in grids])
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        pixel_values = np.asarray(pixel_values, np.float32)
-        if starts[-1] != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches; image_grid_thw describes {starts[-1]}.")
-        by_grid: dict[tuple, list[int]] = {}
-        for i, g in enumerate(grids):
-            by_grid.setdefault(g, []).append(i)
-        per_image = [None] * len(grids)
-        for grid, members in by_grid.items():
-            stacked = np.stack([pixel_values[starts[i] : starts[i + 1]] for i in members])
-            encoded = self._encode(graphdef, state, stacked, grid)
-            for slot, i in enumerate(members):
-                per_image[i] = encoded[slot]
-        return jnp.concatenate(per_image, axis=0)
+        encode = lambda pixels, grid: self._encode(graphdef, state, pixels, grid)  # noqa: E731
+        return encode_by_grid(np.asarray(pixel_values, np.float32), image_grid_thw, encode)
 
     @staticmethod
     def _pad_rows(features, bucket: int):

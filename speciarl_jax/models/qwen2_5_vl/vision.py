@@ -50,6 +50,27 @@ def window_plan(grid: tuple[int, int, int], cfg: VisionConfig):
     }
 
 
+def encode_by_grid(pixel_values, image_grid_thw, encode_group):
+    """Run `encode_group(x [G, N, patch_dim], grid) -> [G, N / merge^2, D]` once per distinct patch grid and
+    return the features of all images, in the order of `image_grid_thw`, as [num_image_tokens, D]."""
+    grids = [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw).reshape(-1, 3)]
+    sizes = [t * h * w for t, h, w in grids]
+    if sum(sizes) != pixel_values.shape[0]:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw {grids} describes {sum(sizes)}."
+        )
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    by_grid: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grids):
+        by_grid.setdefault(g, []).append(i)
+    features = [None] * len(grids)
+    for grid, members in by_grid.items():
+        out = encode_group(jnp.stack([pixel_values[starts[i] : starts[i + 1]] for i in members]), grid)
+        for slot, i in enumerate(members):
+            features[i] = out[slot]
+    return jnp.concatenate(features, axis=0)
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -115,23 +136,7 @@ class VisionTower(nnx.Module):
         pixel_values: [num_patches, patch_dim], the processor's flattened patches of all images.
         image_grid_thw: [num_images, 3], concrete (numpy or a host array): it decides the program's shapes.
         """
-        grids = [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw).reshape(-1, 3)]
-        sizes = [t * h * w for t, h, w in grids]
-        if sum(sizes) != pixel_values.shape[0]:
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw {grids} describes {sum(sizes)}."
-            )
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        by_grid: dict[tuple, list[int]] = {}
-        for i, g in enumerate(grids):
-            by_grid.setdefault(g, []).append(i)
-        features = [None] * len(grids)
-        for grid, members in by_grid.items():
-            x = jnp.stack([pixel_values[starts[i] : starts[i + 1]] for i in members])
-            out = self.encode_same_grid(x, grid)
-            for slot, i in enumerate(members):
-                features[i] = out[slot]
-        return jnp.concatenate(features, axis=0)
+        return encode_by_grid(pixel_values, image_grid_thw, self.encode_same_grid)
 
     def encode_same_grid(self, x, grid):
         """x [G, N, patch_dim], G images sharing the grid (t, h, w) -> [G, N / merge^2, out_hidden_size]."""
