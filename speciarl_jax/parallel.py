@@ -88,3 +88,13 @@ def variable_axes(variable) -> tuple | None:
     """
     meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
     return meta.get("logical_axes")
+
+
+def to_host(x) -> np.ndarray:
+    """A jax array as a numpy array on this host, also when it spans devices of several processes (then all
+    processes must call this together: the parts are all-gathered)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

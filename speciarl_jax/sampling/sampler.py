@@ -191,11 +191,11 @@ class Sampler:
             length, max_new_tokens, params, pad_id,
         )
         keep = batch * num_samples
-        lengths = np.asarray(lengths)[:keep]
+        lengths = parallel.to_host(lengths)[:keep]
         return SampleOutput(
-            tokens=np.asarray(tokens)[:keep],
-            logprobs=np.asarray(logprobs)[:keep],
-            policy_logprobs=np.asarray(policy_logprobs)[:keep],
+            tokens=parallel.to_host(tokens)[:keep],
+            logprobs=parallel.to_host(logprobs)[:keep],
+            policy_logprobs=parallel.to_host(policy_logprobs)[:keep],
             lengths=lengths,
             response_mask=(np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32),
             image_features=image_features,
