@@ -59,19 +59,24 @@ class Sampler:
     """Compiled-program cache around a model. Reuse one Sampler across steps; pass the current weights each call.
 
     Args:
-      prompt_bucket: prompt lengths are left-padded up to a multiple of this.
+      prompt_bucket: prompt lengths are left-padded up to a multiple of this for the prefill (small: padding
+        columns cost a full forward each; a new bucket compiles only a new prefill).
+      cache_bucket: the KV cache holds round_up(prompt, cache_bucket) + max_new_tokens slots; the decode loop is
+        compiled once per cache length (the prompt length inside it is a runtime value).
       image_token_bucket: the image-feature table is padded up to a multiple of this many rows.
       mesh: if given, rows are sharded over its batch axes (`data`, `fsdp`).
     """
 
-    def __init__(self, *, prompt_bucket: int = 32, image_token_bucket: int = 256, mesh=None):
+    def __init__(self, *, prompt_bucket: int = 8, cache_bucket: int = 32, image_token_bucket: int = 256, mesh=None):
         self.prompt_bucket = prompt_bucket
+        self.cache_bucket = cache_bucket
         self.image_token_bucket = image_token_bucket
         self.mesh = mesh
         self.compilations = 0
         self._encode = jax.jit(self._encode_impl, static_argnums=(0, 3))
-        self._prefill = jax.jit(self._prefill_impl, static_argnums=(0,))
-        self._decode = jax.jit(self._decode_impl, static_argnums=(0, 8, 9, 10, 11))
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(0, 6, 7))
+        # The prefill's cache is handed over to the loop, which updates it in place.
+        self._decode = jax.jit(self._decode_impl, static_argnums=(0, 9, 10, 11), donate_argnums=(2,))
 
     # ---- compiled pieces (graphdef and shapes are static; `self.compilations` counts traces) ----
 
@@ -80,19 +85,56 @@ class Sampler:
         model = nnx.merge(graphdef, state)
         return model.visual.encode_same_grid(pixels, grid)
 
-    def _prefill_impl(self, graphdef, state, input_ids, slots, positions, features):
+    def _prefill_impl(self, graphdef, state, input_ids, slots, positions, features, cache_length, num_samples):
+        """The prompts' forward into a fresh cache of `cache_length` slots; cache and last logits repeated
+        `num_samples` times (rows prompt-major)."""
         self.compilations += 1
         model = nnx.merge(graphdef, state)
-        cache = model.init_cache(input_ids.shape[0], slots.shape[1])
+        cache = model.init_cache(input_ids.shape[0], cache_length)
         out = model(input_ids, slots, position_ids=positions, image_features=features, cache=cache,
                     cache_pos=0, compute_logits=False)
-        return out.cache, model.logits(out.hidden_states[:, -1])
+        cache, logits = out.cache, model.logits(out.hidden_states[:, -1])
+        if num_samples > 1:
+            cache, logits = jax.tree.map(lambda a: jnp.repeat(a, num_samples, axis=0), (cache, logits))
+        return cache, logits
 
-    def _decode_impl(self, graphdef, state, cache, slots, last_logits, next_position, rng, eos_ids,
-                     prompt_len, max_new_tokens, params, pad_id):
+    def _decode_impl(self, graphdef, state, cache, slots, last_logits, next_position, prompt_len, rng, eos_ids,
+                     max_new_tokens, params, pad_id):
         self.compilations += 1
         model = nnx.merge(graphdef, state)
         rows = last_logits.shape[0]
+        column = lambda a, v, step: jax.lax.dynamic_update_slice(a, v[:, None], (0, step))  # noqa: E731
+
+        def choose(s):
+            """Sample column `step` from the current logits and record it (pad and zeros on finished rows)."""
+            step = s["step"]
+            token, logp, raw = choose_tokens(s["logits"], jax.random.fold_in(rng, step), params)
+            live = ~s["done"]
+            token = jnp.where(live, token, pad_id)
+            return live, token, dict(
+                s,
+                tokens=column(s["tokens"], token, step),
+                logprobs=column(s["logprobs"], jnp.where(live, logp, 0.0), step),
+                policy_logprobs=column(s["policy_logprobs"], jnp.where(live, raw, 0.0), step),
+                done=s["done"] | (live & jnp.isin(token, eos_ids)),
+                lengths=s["lengths"] + live.astype(jnp.int32),
+            )
+
+        def keep_going(s):
+            # The last column needs no forward pass after it: the loop stops one step early and `choose` runs once more.
+            return (s["step"] < max_new_tokens - 1) & ~jnp.all(s["done"])
+
+        def one_token(s):
+            live, token, s = choose(s)
+            step = s["step"]
+            slots_now = jax.lax.dynamic_update_slice(s["slots"], live[:, None].astype(s["slots"].dtype),
+                                                     (0, prompt_len + step))
+            position = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
+            out = model(token[:, None], slots_now, position_ids=position, cache=s["cache"],
+                        cache_pos=prompt_len + step, compute_logits=False)
+            return dict(s, step=step + 1, cache=out.cache, slots=slots_now,
+                        logits=model.logits(out.hidden_states[:, 0]))
+
         init = dict(
             step=jnp.int32(0),
             tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
@@ -104,35 +146,12 @@ class Sampler:
             slots=slots,
             logits=last_logits,
         )
-
-        def keep_going(s):
-            return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
-
-        def one_token(s):
-            step = s["step"]
-            token, logp, raw = choose_tokens(s["logits"], jax.random.fold_in(rng, step), params)
-            live = ~s["done"]
-            token = jnp.where(live, token, pad_id)
-            column = lambda a, v: jax.lax.dynamic_update_slice(a, v[:, None], (0, step))  # noqa: E731
-            slots_now = jax.lax.dynamic_update_slice(s["slots"], live[:, None].astype(s["slots"].dtype),
-                                                     (0, prompt_len + step))
-            position = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
-            out = model(token[:, None], slots_now, position_ids=position, cache=s["cache"],
-                        cache_pos=prompt_len + step, compute_logits=False)
-            return dict(
-                step=step + 1,
-                tokens=column(s["tokens"], token),
-                logprobs=column(s["logprobs"], jnp.where(live, logp, 0.0)),
-                policy_logprobs=column(s["policy_logprobs"], jnp.where(live, raw, 0.0)),
-                done=s["done"] | (live & jnp.isin(token, eos_ids)),
-                lengths=s["lengths"] + live.astype(jnp.int32),
-                cache=out.cache,
-                slots=slots_now,
-                logits=model.logits(out.hidden_states[:, 0]),
-            )
-
         final = jax.lax.while_loop(keep_going, one_token, init)
-        return final["tokens"], final["logprobs"], final["policy_logprobs"], final["lengths"]
+        # The loop stopped at the last column or with every row finished (then this records padding only).
+        _, _, final = choose(final)
+        # The cache is returned (and dropped by the caller) so that the donated input buffer can be the loop's own:
+        # without an output to alias it to, XLA would copy the whole cache into the loop first.
+        return final["tokens"], final["logprobs"], final["policy_logprobs"], final["lengths"], final["cache"]
 
     # ---- host-side orchestration ----
 
@@ -167,6 +186,7 @@ class Sampler:
         shards = self._batch_shards()
         rows = _round_up(_next_power_of_two(batch), shards)
         length = _round_up(input_ids.shape[1], self.prompt_bucket)
+        cache_length = _round_up(length, self.cache_bucket) + max_new_tokens
         pad_rows, pad_cols = rows - batch, length - input_ids.shape[1]
         ids = np.pad(input_ids, ((0, pad_rows), (pad_cols, 0)), constant_values=pad_id)
         mask = np.pad(attention_mask, ((0, pad_rows), (pad_cols, 0)))
@@ -177,18 +197,15 @@ class Sampler:
         if pixel_values is not None:
             image_features = self._image_features(graphdef, state, pixel_values, image_grid_thw)
             features = self._pad_rows(image_features, self.image_token_bucket)
-        slots = np.concatenate([mask, np.zeros((rows, max_new_tokens), np.int32)], axis=1)
+        slots = np.concatenate([mask, np.zeros((rows, cache_length - length), np.int32)], axis=1)
+        # Every sample of a prompt starts from that prompt's cache (repeated inside the prefill program).
         cache, last_logits = self._prefill(graphdef, state, *self._shard(ids, slots, positions, axis=(0, 0, 1)),
-                                           features)
-
-        # Every sample of a prompt starts from that prompt's cache.
-        expand = lambda a: jnp.repeat(a, num_samples, axis=0)  # noqa: E731
-        cache, last_logits = jax.tree.map(expand, cache), expand(last_logits)
+                                           features, cache_length, num_samples)
         slots, next_position = np.repeat(slots, num_samples, 0), np.repeat(next_position, num_samples, 0)
         slots, next_position = self._shard(slots, next_position, axis=(0, 0))
-        tokens, logprobs, policy_logprobs, lengths = self._decode(
-            graphdef, state, cache, slots, last_logits, next_position, rng, jnp.asarray(eos, jnp.int32),
-            length, max_new_tokens, params, pad_id,
+        tokens, logprobs, policy_logprobs, lengths, _ = self._decode(
+            graphdef, state, cache, slots, last_logits, next_position, jnp.int32(length), rng,
+            jnp.asarray(eos, jnp.int32), max_new_tokens, params, pad_id,
         )
         keep = batch * num_samples
         lengths = parallel.to_host(lengths)[:keep]

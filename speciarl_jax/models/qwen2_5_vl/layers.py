@@ -64,3 +64,25 @@ def attend(q, k, v, mask, scale: float):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h * d)
+
+
+def attend_cache(q, keys, values, mask, scale: float):
+    """`attend` over a KV cache in its own layout: keys [B, K, D, S] (transposed), values [B, K, S, D].
+
+    With these layouts both products are plain matrix products per (row, kv head), q [G, D] @ keys [D, S]
+    and probs [G, S] @ values [S, D], reading the cache in place (no transposed copy of it per step).
+    """
+    b, t, h, d = q.shape
+    kv_heads = keys.shape[1]
+    if t == 1:  # a decoding step: [G, D] @ [D, S] per (row, kv head), without a query axis in the way
+        q = q.reshape(b, kv_heads, h // kv_heads, d)
+        scores = jnp.einsum("bkgd,bkds->bkgs", q, keys, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, :, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        return jnp.einsum("bkgs,bksd->bkgd", probs, values).reshape(b, 1, h * d)
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bkds->bkgts", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+    return out.reshape(b, t, h * d)

@@ -16,7 +16,10 @@ from .vision import VisionTower
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values, each [B, S, num_kv_heads, head_dim]."""
+    """Per-layer keys [B, num_kv_heads, head_dim, S] and values [B, num_kv_heads, S, head_dim].
+
+    Keys are stored transposed so that a decoding step's two attention products, q @ keys and probs @ values,
+    are plain matrix products on the cache as it lies in memory (see layers.attend_cache)."""
 
     keys: tuple
     values: tuple
@@ -86,9 +89,9 @@ class Qwen25VL(nnx.Module):
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         t = self.config.text
-        shape = (batch, length, t.num_key_value_heads, t.head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(t.num_hidden_layers))  # noqa: E731
-        return KVCache(zeros(), zeros())
+        heads, dim, dtype = t.num_key_value_heads, t.head_dim, dtype or self.dtype
+        zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(t.num_hidden_layers))  # noqa: E731
+        return KVCache(zeros((batch, heads, dim, length)), zeros((batch, heads, length, dim)))
 
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None):
         """3-D positions [3, B, T] and rope deltas [B] (host-side; see rope.get_position_ids)."""
@@ -134,11 +137,30 @@ class Qwen25VL(nnx.Module):
                 raise ValueError("pixel_values were given without image_grid_thw.")
             image_features = self.encode_images(pixel_values, image_grid_thw)
         x = self.embed(input_ids, image_features)
-        cos, sin = mrope_cos_sin(jnp.asarray(position_ids), self.config, dtype=jnp.float32)
+        if cache is None:
+            cos, sin = mrope_cos_sin(jnp.asarray(position_ids), self.config, dtype=jnp.float32)
+        else:
+            # Looked up in a table of the cache's slot positions: XLA fuses cos/sin into every layer's q and k
+            # fusions, where they would be evaluated again per element, head and layer (milliseconds per step).
+            cos, sin = _rotary_lookup(jnp.asarray(position_ids), self.config, attention_mask.shape[1])
         mask = _attention_mask(jnp.asarray(attention_mask), input_ids.shape[1], cache_pos if cache is not None else 0)
         hidden, cache = self.language_model(x, cos, sin, mask, cache, cache_pos)
         logits = self.logits(hidden) if compute_logits else None
         return ModelOutput(logits=logits, hidden_states=hidden, cache=cache)
+
+
+def _rotary_lookup(position_ids, config, length: int):
+    """mrope_cos_sin(position_ids) for positions below `length`, read from cos/sin tables of positions 0..length-1.
+
+    With a cache every position is below the number of slots (a token's position never exceeds its slot:
+    padding and the image grids only lower it), so the cache length bounds the table.
+    """
+    table = mrope_cos_sin(jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (3, 1, length)), config)
+    sections = config.text.mrope_section
+    component = np.tile(np.repeat(np.arange(len(sections)) % 3, sections), 2)  # position component per channel
+    index = jnp.moveaxis(position_ids[component], 0, -1)  # [B, T, head_dim]
+    channel = np.arange(len(component))
+    return tuple(t[0][index, channel] for t in table)
 
 
 def _attention_mask(key_valid, num_queries, first_slot):

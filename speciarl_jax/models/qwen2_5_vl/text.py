@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import TextConfig
-from .layers import GatedMLP, RMSNorm, attend, linear
+from .layers import GatedMLP, RMSNorm, attend, attend_cache, linear
 from .rope import apply_rotary
 
 
@@ -22,7 +22,7 @@ class Attention(nnx.Module):
         self.o_proj = linear(cfg.num_attention_heads * hd, cfg.hidden_size, ("heads", "embed"), bias=False, **kw)
 
     def __call__(self, x, cos, sin, mask, kv=None, cache_pos=None):
-        """x [B, T, D]; mask [B, T, S]; kv: this layer's cache (keys, values) [B, S, K, hd] or None.
+        """x [B, T, D]; mask [B, T, S]; kv: this layer's cache (keys [B, K, hd, S], values [B, K, S, hd]) or None.
 
         With a cache, the new keys and values are written at slots cache_pos .. cache_pos + T - 1
         and attention runs over the whole cache; the mask hides the slots that hold nothing yet.
@@ -31,12 +31,14 @@ class Attention(nnx.Module):
         q = apply_rotary(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if kv is not None:
-            start = (0, cache_pos, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            kv = (k, v)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.head_dim**-0.5)
+        scale = self.head_dim**-0.5
+        if kv is None:
+            return self.o_proj(attend(q, k, v, mask, scale=scale)), None
+        keys = jax.lax.dynamic_update_slice(kv[0], jnp.transpose(k, (0, 2, 3, 1)).astype(kv[0].dtype),
+                                            (0, 0, 0, cache_pos))
+        values = jax.lax.dynamic_update_slice(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), (0, 0, cache_pos, 0))
+        kv = (keys, values)
+        out = attend_cache(q, keys.astype(q.dtype), values.astype(q.dtype), mask, scale=scale)
         return self.o_proj(out), kv
 
 
