@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from .data.config import pipeline_from_config
+from . import multihost
 from .models import lora
 from .rl.batch import make_rollout_batch
 from .rl.logprobs import response_logprobs
@@ -107,17 +108,22 @@ def run_sft(trainer) -> dict[str, float]:
     if taxonomy is None and config.verifier.taxonomy_path:
         taxonomy = Taxonomy.from_json(config.verifier.taxonomy_path)
     targets = TargetWriter(cfg.levels, taxonomy, cfg.think, seed=config.seed)
-    data_cfg = dict(trainer.train_data_cfg, batch_size=cfg.batch_size, num_epochs=None, seed=config.seed + 1)
+    data_cfg = dict(trainer.train_data_cfg, batch_size=cfg.batch_size // jax.process_count(), num_epochs=None,
+                    seed=config.seed + 1)
     pipeline = pipeline_from_config(data_cfg, trainer.processor)
 
     model = trainer.model
     graphdef, params, frozen = nnx.split(model, sft_filter(trainer.lora_config, cfg.train_vision), ...)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(cfg.learning_rate, weight_decay=0.0))
+    # Warm up, then anneal to zero: the last steps at a small rate settle what the noisy middle learned.
+    warmup = max(0, min(cfg.warmup_steps, cfg.steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     opt_state = tx.init(params)
     step_fn = make_sft_step(graphdef, tx, trainer.rl_config.logprob_chunk)
     metrics = {}
     bar = tqdm(total=cfg.steps, desc="sft", disable=not trainer.is_main, dynamic_ncols=True)
-    for step, batch in zip(range(cfg.steps), pipeline):
+    for step, local in zip(range(cfg.steps), pipeline):
+        batch = multihost.gather_batch(local, trainer.processor.pad_token_id)
         if trainer._stop_signal is not None:
             from .trainer import TrainingInterrupted
 

@@ -23,6 +23,8 @@ def maybe_initialize_distributed() -> None:
     import jax
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # CPU processes (tests, a laptop) need a collectives backend; GPU and TPU ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

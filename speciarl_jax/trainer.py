@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from . import parallel
+from . import multihost, parallel
 from .checkpoint import Checkpointer
 from .data.config import pipeline_from_config
 from .metric_writers import MetricWriter, summary_line
@@ -135,9 +135,14 @@ def _sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def validate(config) -> None:
+def validate(config, process_count: int = 1) -> None:
     """Config errors that would otherwise surface after minutes of compilation."""
     problems = []
+    for name, size in (("data.batch_size", config.data.batch_size), ("eval.batch_size", config.eval.batch_size),
+                       ("sft.batch_size", config.sft.batch_size)):
+        if size % process_count:
+            problems.append(f"{name} {size} must be a multiple of the {process_count} processes (each reads an "
+                            "equal share of every batch)")
     if config.rollout.num_samples < 1:
         problems.append(f"rollout.num_samples must be >= 1, got {config.rollout.num_samples}")
     if config.data.batch_size < 1:
@@ -204,7 +209,7 @@ class Trainer:
     """Args: config: the run config (configs/common.py); devices: the devices of the mesh (default: all)."""
 
     def __init__(self, config, devices=None):
-        validate(config)
+        validate(config, jax.process_count())
         self.config = config
         self.run_dir = run_dir_of(config)
         os.makedirs(self.run_dir, exist_ok=True)
@@ -212,7 +217,9 @@ class Trainer:
         self.mesh = parallel.make_mesh(**config.mesh.to_dict(), devices=devices)
 
         self.model_dir = prepare_model_dir(config, self.run_dir)
-        self.train_data_cfg = data_config(config.data, extra={"num_epochs": None})
+        # Each process reads its share of every batch; multihost.gather_batch puts the batch back together.
+        self.train_data_cfg = data_config(config.data, extra={
+            "num_epochs": None, "batch_size": config.data.batch_size // jax.process_count()})
         self.processor = Processor.from_pretrained(self.model_dir, **processor_settings(self.train_data_cfg))
         for key in ("min_pixels", "max_pixels", "image_size"):
             self.train_data_cfg.pop(key, None)
@@ -254,10 +261,11 @@ class Trainer:
 
         metrics = run_sft(self)
         lora.merge_lora(self.model)
+        tmp = self.sft_dir + ".tmp"
         if self.is_main:
-            tmp = self.sft_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_pretrained(self.model, tmp, copy_from=self.model_dir)
+        save_pretrained(self.model, tmp, copy_from=self.model_dir)  # every process gathers, process 0 writes
+        if self.is_main:
             os.replace(tmp, self.sft_dir)  # a folder with config.json means a finished SFT
         _sync_processes("sft_model")
         self.sft_done = True
@@ -272,7 +280,8 @@ class Trainer:
             "optimizer_steps": int(self.learner.state.step),
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
             "noise_rng": self.noise_rng.bit_generator.state,
-            "data": self.data_iter.get_state() if self.data_iter is not None else None,
+            # One iterator state per process (each reads its own shard).
+            "data": multihost.allgather_json(self.data_iter.get_state() if self.data_iter is not None else None),
             "config": json.loads(self.config.to_json_best_effort()),
         }
         state = self.learner.state
@@ -295,7 +304,11 @@ class Trainer:
         self.step = int(meta["step"])
         self.rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         self.noise_rng.bit_generator.state = meta["noise_rng"]
-        self._data_state = meta.get("data")
+        states = meta.get("data")
+        if states is not None and len(states) != jax.process_count():
+            raise ValueError(f"{checkpointer.directory} step {self.step} was written by a run of {len(states)} "
+                             f"processes; resume it with the same number (this run has {jax.process_count()}).")
+        self._data_state = states[jax.process_index()] if states is not None else None
         logging.info("resumed from %s at step %d", checkpointer.directory, self.step)
         return True
 
@@ -314,8 +327,9 @@ class Trainer:
         start = time.perf_counter()
         texts = self.processor.decode_responses(out.tokens, out.lengths)
         labels = np.repeat(np.asarray(prompts.labels, object), cfg.num_samples)
-        categories = self.verifier.classify([(label, parse_answer(t)) for label, t in zip(labels, texts)])
         group_ids = np.repeat(np.arange(len(prompts.labels)), cfg.num_samples)
+        pairs = [(label, parse_answer(t)) for label, t in zip(labels, texts)]
+        categories = multihost.classify_split(self.verifier, pairs, group_ids)
         rewards = score(categories, group_ids, self.config.reward, self.noise_rng)
         if self.rl_config.overlong_buffer:
             rewards = rewards + dapo.overlong_penalty(out.lengths, max_len=cfg.max_new_tokens,
@@ -325,15 +339,19 @@ class Trainer:
         return Rollouts(prompts, out.tokens, out.response_mask, out.lengths, out.image_features, texts,
                         list(categories), np.asarray(rewards, np.float32), group_ids)
 
+    def next_prompts(self):
+        """The next global batch of prompts (gathered from every process's share)."""
+        return multihost.gather_batch(next(self.data_iter), self.processor.pad_token_id)
+
     def collect(self, rng, timings) -> tuple[list[Rollouts], dict]:
         """Rollouts for one update: one generation batch, or with dynamic sampling as many as it takes to
         gather data.batch_size groups whose rewards differ."""
         if not self.rl_config.dynamic_sampling:
-            return [self.generate_and_grade(next(self.data_iter), rng, timings)], {}
+            return [self.generate_and_grade(self.next_prompts(), rng, timings)], {}
         wanted = self.config.data.batch_size
         kept, generated, dropped = [], 0, 0
         for call in range(self.rl_config.max_generation_batches):
-            batch = self.generate_and_grade(next(self.data_iter), jax.random.fold_in(rng, call), timings)
+            batch = self.generate_and_grade(self.next_prompts(), jax.random.fold_in(rng, call), timings)
             informative = dapo.informative_groups(batch.rewards, batch.group_ids)
             groups = [g for g in range(len(batch.prompts.labels)) if informative[g * self.config.rollout.num_samples]]
             generated += len(batch.prompts.labels)
@@ -384,7 +402,9 @@ class Trainer:
         if not cfg.enabled:
             return {}
         eval_cfg = data_config(cfg, extra={"num_epochs": 1, "shuffle": False, "remainder": "pad",
+                                           "batch_size": cfg.batch_size // jax.process_count(),
                                            "prompt": self.config.data.prompt,
+                                           "system_prompt": self.config.data.system_prompt,
                                            "pad_to_multiple_of": self.config.data.pad_to_multiple_of})
         for key in ("enabled", "num_examples", "max_new_tokens"):
             eval_cfg.pop(key, None)
@@ -392,12 +412,14 @@ class Trainer:
             eval_cfg["source"]["num_examples"] = cfg.num_examples
         categories = []
         for batch in pipeline_from_config(eval_cfg, self.processor):
+            batch = multihost.gather_batch(batch, self.processor.pad_token_id)
             out = self.sampler.generate(
                 self.model, **batch.model_inputs(), max_new_tokens=cfg.max_new_tokens or self.config.rollout.max_new_tokens,
                 temperature=0.0, eos_token_ids=self.processor.eos_token_ids, pad_token_id=self.processor.pad_token_id,
             )
             texts = self.processor.decode_responses(out.tokens, out.lengths)
-            verdicts = self.verifier.classify([(l, parse_answer(t)) for l, t in zip(batch.labels, texts)])
+            pairs = [(label, parse_answer(t)) for label, t in zip(batch.labels, texts)]
+            verdicts = multihost.classify_split(self.verifier, pairs, np.arange(len(pairs)))
             categories += [v for v, ok in zip(verdicts, batch.valid) if ok]
         return batch_report(categories, prefix)
 

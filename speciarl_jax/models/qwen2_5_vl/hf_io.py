@@ -188,15 +188,21 @@ def save_pretrained(
     copy_from: str | os.PathLike | None = None,
 ) -> None:
     """Write `model` as a Hugging Face folder: config.json, sharded safetensors with an index, and the
-    tokenizer / processor files copied from `copy_from` (the folder the model came from), if given."""
+    tokenizer / processor files copied from `copy_from` (the folder the model came from), if given.
+
+    In a run of several JAX processes every process must call this (the weights are gathered from all of
+    them); process 0 writes the folder.
+    """
     folder = os.fspath(path)
-    os.makedirs(folder, exist_ok=True)
     config = model.config
     target = None if dtype is None else np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     tensors: dict[str, np.ndarray] = {}
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        array = np.asarray(jax.device_get(var[...]))
+        array = parallel.to_host(var[...])
         tensors[hf_key(p)] = np.ascontiguousarray(to_hf(p, array if target is None else array.astype(target), config))
+    if jax.process_index() != 0:
+        return
+    os.makedirs(folder, exist_ok=True)
     shards = _split_shards(tensors, max_shard_bytes)
     for name in os.listdir(folder):  # stale shards from an earlier save would confuse loaders
         if name.startswith("model-") and name.endswith(".safetensors") or name in (SINGLE_FILE, INDEX_FILE):
