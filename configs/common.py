@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=256,  # prompts per step
         seed=0,
         prompt="general",
+        system_prompt="",  # "": the chat template's default system turn
         pad_to_multiple_of=64,
         worker_count=0,
         min_pixels=0,  # 0: the model's image processor settings
@@ -76,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
         enabled=False,
         steps=0,
         batch_size=32,
-        learning_rate=1e-4,
+        learning_rate=1e-4,  # the peak of a warm-up + cosine-decay schedule
+        warmup_steps=20,
         # Share of answers at each level above the label: 0 = the label, 1 = its parent, 2 = grandparent.
         # The paper's SFT baseline trains on the labels themselves.
         levels=(1.0, 0.0, 0.0),

@@ -6,7 +6,9 @@ SpeciaRL GRPO pushes the answers to the finest level the model can get right.
 
 from configs.common import base_config
 
-WORLD = dict(kind="synthetic", seed=0, image_size=(56, 56))
+# Centred, upright shapes of one size: a random model learns to tell them apart within the demo's minutes
+# (at the world's full variation it needs far longer). Colours and textures still vary.
+WORLD = dict(kind="synthetic", seed=0, image_size=(56, 56), variation=0.0)
 
 
 def get_config():
@@ -22,6 +24,7 @@ def get_config():
     c.data.source = dict(WORLD, split="train", num_images=4096)
     c.data.batch_size = 16
     c.data.prompt = "brief"
+    c.data.system_prompt = "Name shapes."  # with the brief prompt, a prompt fits in 32 tokens
     c.data.pad_to_multiple_of = 32
     c.data.image_size = (56, 56)
     c.eval.enabled = True
@@ -35,9 +38,12 @@ def get_config():
     c.rl.mini_batch_size = 128
     c.rl.remat = False
     c.sft.enabled = True
-    c.sft.steps = 300
+    c.sft.steps = 500
     c.sft.batch_size = 32
     c.sft.learning_rate = 2e-3
-    c.sft.levels = (0.2, 0.5, 0.3)  # label, family, generic
-    c.sft.train_vision = True  # the random vision tower must learn to see shapes and textures
+    c.sft.levels = (0.4, 0.45, 0.15)  # label, family, generic
+    # The random vision tower stays frozen: its random features already separate the shapes, and the language
+    # model learns to read them far faster than the tower learns better ones (measured: family accuracy
+    # 95% after 300 steps frozen, 34% with the tower trained).
+    c.sft.train_vision = False
     return c

@@ -102,3 +102,23 @@ def test_family_is_the_silhouette_and_fine_class_the_texture():
         _, square_mask = draw("plain square", seed)
         assert (square_mask != plain_mask).sum() > 0.1 * plain_mask.sum()
     assert set(TEXTURES) == {c.texture for c in world.classes}
+
+
+def test_variation_zero_centres_every_shape_and_keeps_the_colours():
+    still = SyntheticWorld(seed=0, image_size=(64, 64), noise=0.0, variation=0.0)
+    moving = SyntheticWorld(seed=0, image_size=(64, 64), noise=0.0)
+
+    def box(image):
+        ys, xs = np.nonzero(np.any(image != image[0, 0], axis=-1))
+        return ys.min(), ys.max(), xs.min(), xs.max()
+
+    boxes = {"still": {}, "moving": {}}
+    for index in range(60):
+        family = still.classes[still.class_id("train", index)].family
+        for name, world in (("still", still), ("moving", moving)):
+            boxes[name].setdefault(family, set()).add(box(world.render("train", index)))
+        assert (still.render("train", index)[0, 0] == moving.render("train", index)[0, 0]).all()  # same colours
+    assert all(len(b) == 1 for b in boxes["still"].values())  # one outline per family: same place, same size
+    assert all(len(b) > 1 for b in boxes["moving"].values())
+    with pytest.raises(ValueError, match="variation"):
+        SyntheticWorld(variation=1.5)

@@ -99,8 +99,8 @@ def source_from_config(cfg: Any) -> Source:
         _take(cfg, {"split_file", "image_root", "split", "name"}, where)
         source = coop_split_source(cfg["split_file"], cfg["image_root"], cfg["split"], name=cfg["name"])
     elif kind == "synthetic":
-        _take(cfg, {"seed", "image_size", "noise", "split", "num_images", "label_level"}, where)
-        world = SyntheticWorld(**{k: cfg[k] for k in ("seed", "image_size", "noise") if k in cfg})
+        _take(cfg, {"seed", "image_size", "noise", "variation", "split", "num_images", "label_level"}, where)
+        world = SyntheticWorld(**{k: cfg[k] for k in ("seed", "image_size", "noise", "variation") if k in cfg})
         source = world.source(**{k: cfg[k] for k in ("split", "num_images", "label_level") if k in cfg})
     elif kind == "benchmark":
         _take(cfg, {"name", "split", "data_dir", "root"}, where)

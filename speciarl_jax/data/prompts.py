@@ -16,7 +16,7 @@ _FORMAT = (
 
 PROMPTS: dict[str, str] = {
     # A short instruction for tiny CPU models (the demo), where every prompt token costs update time.
-    "brief": "Think in <think></think>, then name the main subject precisely: <answer>name</answer> or <answer>None</answer>.",
+    "brief": "Name it.",
     "general": f"What is the main subject of this image? Name it. {_FORMAT}",
     "specific": (
         "What is the main subject of this image? Name it as precisely as you can: prefer the most "
