@@ -14,7 +14,7 @@ WORLD = dict(kind="synthetic", seed=0, image_size=(56, 56), variation=0.0)
 def get_config():
     c = base_config()
     c.name = "demo"
-    c.steps = 40
+    c.steps = 60
     c.checkpoint_every = 20
     c.model.tiny = True
     c.model.tiny_spec.update(dict(hidden_size=128, intermediate_size=256, num_layers=4, vision_hidden=64,
@@ -38,7 +38,7 @@ def get_config():
     c.rl.mini_batch_size = 128
     c.rl.remat = False
     c.sft.enabled = True
-    c.sft.steps = 500
+    c.sft.steps = 1500
     c.sft.batch_size = 32
     c.sft.learning_rate = 2e-3
     c.sft.levels = (0.4, 0.45, 0.15)  # label, family, generic
