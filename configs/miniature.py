@@ -9,7 +9,7 @@ the shared 2-core CPU: the warm start about 4 minutes, an RL run about 40 s, the
 
 from configs.demo import get_config as demo_config
 
-RL_STEPS = 20  # RL steps per run
+RL_STEPS = 40  # RL steps per run
 BATCH_SIZE = 16  # prompts per RL step (data.batch_size)
 NUM_SAMPLES = 8  # rollouts per prompt
 MINI_BATCH_SIZE = BATCH_SIZE * NUM_SAMPLES // 2  # rollout rows per optimizer step: two per batch, as in the paper
