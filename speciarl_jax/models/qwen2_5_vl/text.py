@@ -38,7 +38,12 @@ class Attention(nnx.Module):
                                             (0, 0, 0, cache_pos))
         values = jax.lax.dynamic_update_slice(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), (0, 0, cache_pos, 0))
         kv = (keys, values)
-        out = attend_cache(q, keys.astype(q.dtype), values.astype(q.dtype), mask, scale=scale)
+        if isinstance(cache_pos, int) and cache_pos == 0:
+            # A prefill into slot 0 onwards: causality hides every slot after the new tokens, so attending over
+            # the new keys alone is the same and skips the rest of the cache.
+            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask[..., :t], scale=scale)
+        else:
+            out = attend_cache(q, keys.astype(q.dtype), values.astype(q.dtype), mask, scale=scale)
         return self.o_proj(out), kv
 
 
