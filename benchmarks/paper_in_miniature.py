@@ -435,8 +435,10 @@ def write_report(results: list[dict], report: str, *, settings: dict, wall_s: fl
         + (" --quick (smoke-test sizes: the numbers mean nothing)" if settings.get("quick") else "") + ".",
         f"Warm start: the demo's SFT ({settings['warm_sft_steps']} steps, answer levels label/family/generic "
         f"{settings['warm_sft_levels']}); RL: {settings['rl_steps']} steps x {settings['batch_size']} prompts x "
-        f"{settings['num_samples']} rollouts; SFT baseline: {settings['sft_steps']} steps x "
-        f"{settings['sft_batch_size']} fine labels; evaluation: greedy decoding, rule verifier, the same "
+        f"{settings['num_samples']} rollouts; "
+        + (f"SFT baseline: {settings['sft_steps']} steps x {settings['sft_batch_size']} fine labels; "
+           if settings.get("sft_steps") else "")
+        + "evaluation: greedy decoding, rule verifier, the same "
         f"{eval_images} held-out images for every run.",
         "",
         "Shares in % of the held-out answers; C = correctness, S = specificity, HM = their harmonic mean. Each cell "
