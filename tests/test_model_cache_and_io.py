@@ -65,6 +65,24 @@ def test_kv_cache_decoding_matches_full_forward(model, image_batch):
         diff = np.abs(np.asarray(out.logits)[:, 0] - reference[:, t + k]).max()
         assert diff < 1e-4, f"decode step {k}: max difference {diff:.2e}"
 
+    # Then a chunk of several tokens at a later slot (attention over the cache, several queries), jitted and not.
+    chunk = 3
+    ids = np.random.default_rng(1).integers(10, 200, (b, chunk)).astype(np.int32)
+    cache = model.init_cache(b, t + chunk)
+    slots = np.concatenate([prompt_mask, np.zeros((b, chunk), np.int32)], axis=1)
+    cache = model(prompt_ids, slots, image_batch["pixel_values"], image_batch["image_grid_thw"], positions,
+                  cache=cache, cache_pos=0).cache
+    slots[:, t:] = 1
+    pos = np.broadcast_to((real[:, None] + np.arange(chunk) + deltas[:, None])[None], (3, b, chunk)).astype(np.int32)
+    full_ids = np.concatenate([prompt_ids, ids], axis=1)
+    reference = logits_of(model, dict(input_ids=full_ids, attention_mask=slots, pixel_values=image_batch["pixel_values"],
+                                      image_grid_thw=image_batch["image_grid_thw"]))
+    for out in (model(ids, slots, position_ids=pos, cache=cache, cache_pos=t), step(model, ids, slots, pos, cache, t)):
+        diff = np.abs(np.asarray(out.logits) - reference[:, t:]).max()
+        assert diff < 1e-4, f"chunk after the prompt: max difference {diff:.2e}"
+    assert cache.keys[0].shape == (b, model.config.text.num_key_value_heads, model.config.text.head_dim, t + chunk)
+    assert cache.values[0].shape == (b, model.config.text.num_key_value_heads, t + chunk, model.config.text.head_dim)
+
 
 def test_our_save_loads_in_transformers_and_back(model, image_batch, tmp_path, tiny_checkpoint):
     """Save sharded (tiny shard limit) -> transformers and our loader both read it -> same logits."""

@@ -173,6 +173,22 @@ def test_programs_are_reused_within_buckets(model, tiny_processor):
     assert sampler.compilations == first
 
 
+def test_decode_program_is_shared_across_prompt_buckets(model, tiny_processor):
+    """Prompt lengths in different prefill buckets but the same cache bucket compile one more prefill only."""
+    sampler = Sampler(prompt_bucket=8, cache_bucket=64)
+    image = [random_image(0, 56, 56)]
+    short = tiny_processor([tiny_processor.chat_prompt("A?", 1)], images=image)
+    longer = tiny_processor([tiny_processor.chat_prompt("A longer question, with more words in it?", 1)], images=image)
+    lengths = [x["input_ids"].shape[1] for x in (short, longer)]
+    assert -(-lengths[0] // 8) != -(-lengths[1] // 8) and -(-lengths[0] // 64) == -(-lengths[1] // 64), lengths
+    first = sampler.generate(model, **_args(short), max_new_tokens=4, temperature=0.0)
+    assert sampler.compilations == 3
+    second = sampler.generate(model, **_args(longer), max_new_tokens=4, temperature=0.0)
+    assert sampler.compilations == 4  # the new prefill
+    for batch, out in ((short, first), (longer, second)):
+        np.testing.assert_array_equal(out.tokens, Sampler().generate(model, **_args(batch), max_new_tokens=4,
+                                                                     temperature=0.0).tokens)
+
 def _args(batch):
     return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
 
