@@ -115,8 +115,11 @@ def test_preprocessing_equals_transformers_image_processor(tokenizer, image_size
 
 def test_prompts_by_name_and_file(tmp_path, fixed_processor, shapes):
     assert PROMPTS["general"] != PROMPTS["specific"]
-    for text in PROMPTS.values():
-        assert "<answer>" in text and "</answer>" in text and "<think>" in text and "None" in text
+    for name, text in PROMPTS.items():
+        if name == "brief":  # the demo's: a tiny model learns the format from SFT, and tokens cost time
+            assert len(text.split()) <= 4
+            continue
+        assert "<answer>" in text and "</answer>" in text and "<think>" in text and "None" in text, name
     prompt_file = tmp_path / "mine.txt"
     prompt_file.write_text("  Which shape is this? Answer inside <answer> </answer>.\n")
     assert get_prompt(str(prompt_file)) == "Which shape is this? Answer inside <answer> </answer>."

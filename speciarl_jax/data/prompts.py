@@ -15,7 +15,8 @@ _FORMAT = (
 )
 
 PROMPTS: dict[str, str] = {
-    # A short instruction for tiny CPU models (the demo), where every prompt token costs update time.
+    # For tiny CPU models (the demo), where every prompt token costs time and dilutes the few image tokens: it
+    # does not state the answer format, which the demo's SFT warm start teaches. Real models need the others.
     "brief": "Name it.",
     "general": f"What is the main subject of this image? Name it. {_FORMAT}",
     "specific": (
