@@ -5,9 +5,9 @@ One call runs three kinds of compiled programs:
   2. the prefill, once per prompt (not per sample): its KV cache and last logits are then repeated
      for the n samples of that prompt;
   3. the decode loop, a single `lax.while_loop` that samples a token for every row, feeds it back through
-     the cache and stops when every row has produced an end token or the length budget is spent.
-Shapes are rounded up to buckets (prompt length, rows, image tokens) so a training run compiles a small,
-bounded set of programs; each program is traced once and `Sampler.compilations` counts the traces.
+     the cache (updated in place) and stops when every row has produced an end token or the length budget is spent.
+Shapes are rounded up to buckets (prompt length, cache length, rows, image tokens) so a training run compiles a
+small, bounded set of programs; each program is traced once and `Sampler.compilations` counts the traces.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ class Qwen25VL(nnx.Module):
         input_ids [B, T]; attention_mask [B, T] without a cache, or [B, S] over the cache slots with one;
         pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] as the processor returns them
         (or precomputed `image_features`); position_ids [3, B, T], computed from the token ids when omitted.
-        With a cache, the T new tokens occupy slots cache_pos .. cache_pos + T - 1.
+        With a cache, the T new tokens occupy slots cache_pos .. cache_pos + T - 1, and positions must be below the
+        number of slots (true of the positions `get_position_ids` gives, continued by one per new token).
         """
         del mm_token_type_ids
         input_ids = jnp.asarray(input_ids)

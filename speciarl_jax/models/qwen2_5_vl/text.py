@@ -25,7 +25,8 @@ class Attention(nnx.Module):
         """x [B, T, D]; mask [B, T, S]; kv: this layer's cache (keys [B, K, hd, S], values [B, K, S, hd]) or None.
 
         With a cache, the new keys and values are written at slots cache_pos .. cache_pos + T - 1
-        and attention runs over the whole cache; the mask hides the slots that hold nothing yet.
+        and attention runs over the whole cache (over the new slots only when cache_pos is the int 0);
+        the mask hides the slots that hold nothing yet.
         """
         b, t, _ = x.shape
         q = apply_rotary(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
@@ -41,7 +42,8 @@ class Attention(nnx.Module):
         if isinstance(cache_pos, int) and cache_pos == 0:
             # A prefill into slot 0 onwards: causality hides every slot after the new tokens, so attending over
             # the new keys alone is the same and skips the rest of the cache.
-            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask[..., :t], scale=scale)
+            k, v = (a.astype(c.dtype).astype(q.dtype) for a, c in zip((k, v), kv))  # as the cache holds them
+            out = attend(q, k, v, mask[..., :t], scale=scale)
         else:
             out = attend_cache(q, keys.astype(q.dtype), values.astype(q.dtype), mask, scale=scale)
         return self.o_proj(out), kv
