@@ -29,9 +29,11 @@ def small_config(run_dir, **changes):
     c.rollout.max_new_tokens = 12
     c.rl.mini_batch_size = 8  # two optimizer steps per batch
     c.eval.enabled = False
-    c.sft.steps = 25
+    # Enough SFT for the answer format (the brief prompt does not state it), so rollouts earn differing rewards.
+    c.sft.steps = 60
     c.sft.batch_size = 16
-    c.sft.learning_rate = 3e-3
+    c.sft.learning_rate = 5e-3
+    c.sft.warmup_steps = 5
     for key, value in changes.items():
         target = c
         *parents, leaf = key.split(".")
@@ -146,8 +148,10 @@ def test_eight_devices_match_one(tmp_path, warm_model):
     for key in ("update/loss", "update/grad_norm", "update/clip_fraction"):
         np.testing.assert_allclose(m8[0][key], m1[0][key], rtol=1e-3, atol=1e-6, err_msg=key)
     # Adam turns rounding differences of near-zero gradients into steps of up to the learning rate, so after
-    # it the runs drift apart slightly: later metrics agree to 2%, parameters to learning rate x steps.
-    np.testing.assert_allclose(m8[1]["update/grad_norm"], m1[1]["update/grad_norm"], rtol=2e-2)
+    # it the runs drift apart slightly: later gradient norms agree to 2% or to 5% of the first step's (when the
+    # second batch's gradient is near zero, the relative drift is larger), parameters to learning rate x steps.
+    np.testing.assert_allclose(m8[1]["update/grad_norm"], m1[1]["update/grad_norm"], rtol=2e-2,
+                               atol=0.05 * m1[0]["update/grad_norm"])
     bound = 2 * one.rl_config.learning_rate * int(one.learner.state.step)
     for a, b in zip(trainable(one), trainable(eight)):
         assert np.abs(a - b).max() <= bound
