@@ -133,7 +133,8 @@ def warm_config(base, out: str):
     return c
 
 
-def rl_config(base, warm_model: str, method: str, optimizer: str, seed: int, run_dir: str):
+def _from_warm_start(base, warm_model: str, seed: int, run_dir: str):
+    """A copy of `base` that starts from the warm-start folder, in its own run folder, with this seed."""
     c = base.copy_and_resolve_references()
     c.name = os.path.basename(run_dir)
     c.run_dir = run_dir
@@ -141,6 +142,11 @@ def rl_config(base, warm_model: str, method: str, optimizer: str, seed: int, run
     c.data.seed = seed
     c.model.tiny = False
     c.model.path = warm_model
+    return c
+
+
+def rl_config(base, warm_model: str, method: str, optimizer: str, seed: int, run_dir: str):
+    c = _from_warm_start(base, warm_model, seed, run_dir)
     c.sft.enabled = False
     c.reward.update(METHODS[method])
     c.rl.algorithm = optimizer
@@ -152,13 +158,7 @@ def rl_config(base, warm_model: str, method: str, optimizer: str, seed: int, run
 
 def sft_config(base, warm_model: str, seed: int, run_dir: str):
     """Plain SFT on the fine labels from the warm start, no RL: as many trained rows as an RL run's rollouts."""
-    c = base.copy_and_resolve_references()
-    c.name = os.path.basename(run_dir)
-    c.run_dir = run_dir
-    c.seed = seed
-    c.data.seed = seed
-    c.model.tiny = False
-    c.model.path = warm_model
+    c = _from_warm_start(base, warm_model, seed, run_dir)
     c.steps = 0
     c.epochs = 0
     c.sft.enabled = True
