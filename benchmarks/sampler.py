@@ -3,7 +3,15 @@
 Both decode greedily with an end token that never comes, so every row makes exactly `new` tokens.
 Compile time is reported apart from the steady-state time. Each side runs `--repeats` times, alternating with
 the other (ours, transformers, ours, ...), and its fastest run is reported: on a shared machine the best run is
-the one least disturbed by other work, for both sides alike. Run:
+the one least disturbed by other work, for both sides alike.
+
+To show how far any implementation could go on this machine, each case also reports a floor: the faster of the
+two prefills (vision tower and prompt forward, timed as a one-token generate on each side) plus a loop that does nothing but the decoding
+steps' weight products, x @ W for every projection of every layer and the output head, with the model's weights,
+in XLA and in torch (the faster counts). Attention, norms, rotary and sampling are left out, so no exact decoder
+doing the same float32 arithmetic can beat it; `ceiling` is transformers' time over the floor: the best ratio
+reachable here. (With the --quick model fixed per-call costs outweigh the arithmetic and the floor means little.)
+Run:
     python benchmarks/sampler.py                 # ~35M-parameter model, batch 1 / 32 / 128, 64 new tokens
     python benchmarks/sampler.py --quick         # small model, fewer cases (a smoke run)
 """
@@ -70,6 +78,78 @@ def transformers_runner(hf, batch, new, eos):
     return run
 
 
+def _text_weights(model):
+    """Per layer (q, k, v, o, gate, up, down) kernels [in, out] and the output head [D, V], as numpy float32."""
+    def kernel(linear):
+        return np.array(linear.kernel[...], np.float32)  # a writable copy (torch reads it too)
+
+    layers = []
+    for layer in model.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(tuple(kernel(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                 mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+    if model.config.tie_word_embeddings:
+        head = np.array(model.language_model.embed_tokens.embedding[...], np.float32).T
+    else:
+        head = kernel(model.lm_head)
+    return layers, np.ascontiguousarray(head)
+
+
+def _products_step(x, layers, head, dot, squash):
+    """One decoding step's weight products for rows x [N, D]; `squash` keeps the values bounded (cheap)."""
+    kv = 0
+    for wq, wk, wv, wo, wg, wu, wd in layers:
+        h = squash(x)
+        x = x + dot(dot(h, wq), wo)
+        kv = kv + dot(h, wk) + dot(h, wv)
+        h = squash(x)
+        x = x + dot(dot(h, wg) * dot(h, wu), wd)
+    return x, kv, dot(squash(x), head)
+
+
+def xla_products_runner(layers, head, rows, steps):
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def loop(layers, head, x):
+        def body(_, carry):
+            x, kv, logits = _products_step(carry[0], layers, head, jnp.matmul, lambda a: jnp.clip(a, -1.0, 1.0))
+            return x, kv + carry[1], logits
+        kv_dim = layers[0][1].shape[1]
+        init = (x, jnp.zeros((rows, kv_dim), x.dtype), jnp.zeros((rows, head.shape[1]), x.dtype))
+        return jax.lax.fori_loop(0, steps, body, init)
+
+    args = (jax.tree.map(jnp.asarray, layers), jnp.asarray(head), jnp.full((rows, head.shape[0]), 0.01, jnp.float32))
+    jax.block_until_ready(loop(*args))
+
+    def run():
+        start = time.perf_counter()
+        jax.block_until_ready(loop(*args))
+        return time.perf_counter() - start
+
+    return run
+
+
+def torch_products_runner(layers, head, rows, steps):
+    import torch
+
+    layers = [tuple(torch.from_numpy(w) for w in layer) for layer in layers]
+    head = torch.from_numpy(head)
+    x0 = torch.full((rows, head.shape[0]), 0.01)
+
+    def run():
+        with torch.no_grad():
+            start = time.perf_counter()
+            x = x0
+            for _ in range(steps):
+                x, _, _ = _products_step(x, layers, head, torch.matmul, lambda a: a.clamp(-1.0, 1.0))
+            return time.perf_counter() - start
+
+    run()  # warm-up
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -97,22 +177,29 @@ def main():
     cases += [(32 if not args.quick else 8, n) for n in lengths if (32 if not args.quick else 8, n) not in cases]
 
     print(f"model: {params / 1e6:.1f}M parameters (transformers count), CPU, float32, greedy")
+    layers, head = _text_weights(model)
     print(f"{'batch':>5} {'new':>4} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'ours s':>7} {'hf s':>6} "
-          f"{'compile s':>9} {'same tokens':>11}")
+          f"{'prefill s':>9} {'floor s':>7} {'ceiling':>7} {'compile s':>9} {'same tokens':>11}")
     for b, new in cases:
         batch = prompts(processor, b)
         compile_s, ours_run = ours_runner(model, batch, new, eos)
+        prefill_runs = [ours_runner(model, batch, 1, eos)[1], transformers_runner(hf, batch, 1, eos)]
         hf_run = transformers_runner(hf, batch, new, eos)
-        ours, theirs = float("inf"), float("inf")
+        products = [runner(layers, head, b, new - 1) for runner in (xla_products_runner, torch_products_runner)]
+        ours = theirs = prefill = floor = float("inf")
         for _ in range(args.repeats):
             seconds, ours_tokens = ours_run()
             ours = min(ours, seconds)
             seconds, hf_tokens = hf_run()
             theirs = min(theirs, seconds)
+            prefill = min(prefill, *(run()[0] for run in prefill_runs))
+            floor = min(floor, *(run() for run in products))
+        floor += prefill
         same = np.mean(ours_tokens == hf_tokens)
         tokens = b * new
         print(f"{b:>5} {new:>4} {tokens / ours:>11.0f} {tokens / theirs:>9.0f} {theirs / ours:>6.2f} "
-              f"{ours:>7.2f} {theirs:>6.2f} {compile_s:>9.2f} {same:>11.1%}", flush=True)
+              f"{ours:>7.2f} {theirs:>6.2f} {prefill:>9.2f} {floor:>7.2f} {theirs / floor:>7.2f} "
+              f"{compile_s:>9.2f} {same:>11.1%}", flush=True)
 
 
 if __name__ == "__main__":
