@@ -6,11 +6,12 @@ the other (ours, transformers, ours, ...), and its fastest run is reported: on a
 the one least disturbed by other work, for both sides alike.
 
 To show how far any implementation could go on this machine, each case also reports a floor: the faster of the
-two prefills (vision tower and prompt forward, timed as a one-token generate on each side) plus a loop that does nothing but the decoding
-steps' weight products, x @ W for every projection of every layer and the output head, with the model's weights,
-in XLA and in torch (the faster counts). Attention, norms, rotary and sampling are left out, so no exact decoder
-doing the same float32 arithmetic can beat it; `ceiling` is transformers' time over the floor: the best ratio
-reachable here. (With the --quick model fixed per-call costs outweigh the arithmetic and the floor means little.)
+two prefills (vision tower and prompt forward, timed as a one-token generate on each side) plus a loop that does
+nothing but the decoding steps' weight products, x @ W for every projection of every layer and the output head,
+with the model's weights, in XLA and in torch (the faster counts). Attention, norms, rotary and sampling are left
+out, so no exact decoder doing the same float32 arithmetic can beat it; `ceiling` is transformers' time over the
+floor: the best ratio reachable here. (With the --quick model, fixed per-call costs outweigh the arithmetic and
+the floor means little.)
 Run:
     python benchmarks/sampler.py                 # ~35M-parameter model, batch 1 / 32 / 128, 64 new tokens
     python benchmarks/sampler.py --quick         # small model, fewer cases (a smoke run)
