@@ -1,0 +1,65 @@
+"""The arithmetic behind the speed scripts: the sampler benchmark's floor does exactly the model's weight products,
+and the bandwidth script counts the bytes a decoding step must read (checked against hand-derived sizes)."""
+
+import importlib.util
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampler_floor_does_every_weight_product_once(tiny_checkpoint):
+    from speciarl_jax.models.qwen2_5_vl import from_pretrained
+
+    tiny_model = from_pretrained(tiny_checkpoint)
+    bench = _load("sampler")
+    layers, head = bench._text_weights(tiny_model)
+    flops = []
+
+    def dot(a, b):
+        flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+        return a @ b
+
+    rows = 3
+    x = np.full((rows, head.shape[0]), 0.01, np.float32)
+    bench._products_step(x, layers, head, dot, lambda a: np.clip(a, -1, 1))
+    text = tiny_model.language_model
+    kernels = [p for path, p in nnx.to_flat_state(nnx.state(text.layers, nnx.Param)) if path[-1] == "kernel"]
+    head_size = (text.embed_tokens.embedding if tiny_model.config.tie_word_embeddings else tiny_model.lm_head.kernel).size
+    expected = 2 * rows * (sum(k.size for k in kernels) + head_size)
+    assert sum(flops) == expected
+    assert len(flops) == 7 * len(text.layers) + 1
+
+
+def test_bandwidth_bytes_match_the_3b_shapes():
+    bench = _load("decode_bandwidth")
+    from speciarl_jax.models.qwen2_5_vl import Qwen25VL
+
+    config = bench.model_config("3b")
+    model = nnx.eval_shape(lambda: Qwen25VL(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    d, f, layers, vocab, kv = 2048, 11008, 36, 151936, 256
+    per_layer = d * (d + 2 * kv) + (d + 2 * kv) + d * d + 3 * d * f + 2 * d  # q/k/v (+bias), o, MLP, two norms
+    assert bench.weight_bytes_per_step(model) == 2 * (layers * per_layer + d + vocab * d)  # + final norm, tied head
+    # keys and values, 36 layers, 2 kv heads of 128 channels, 2 bytes each
+    assert bench.cache_bytes(config, rows=64, slots=384, itemsize=2) == 2 * 36 * 64 * 2 * 128 * 384 * 2
+
+
+def test_bandwidth_script_runs(monkeypatch, capsys):
+    bench = _load("decode_bandwidth")
+    argv = ["decode_bandwidth.py", "--preset", "tiny", "--bandwidth-gbs", "20", "--new", "4", "--prompt-len", "8",
+            "--batches", "2", "--repeats", "1", "--dtype", "float32"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("2 ")]
+    assert len(rows) == 1 and int(rows[0][1]) >= 1 and float(rows[0][3]) > 0  # steps, ms per step
