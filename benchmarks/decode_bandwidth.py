@@ -90,8 +90,9 @@ def main():
     jax.block_until_ready(nnx.state(model))
     params = sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
     weights = weight_bytes_per_step(model)
+    built = time.perf_counter() - start
     print(f"device: {device.device_kind} ({jax.device_count()} devices, the first used), {bandwidth:.0f} GB/s; "
-          f"model: {args.preset}, {params / 1e9:.2f}B parameters, {args.dtype}, built in {time.perf_counter() - start:.0f} s")
+          f"model: {args.preset}, {params / 1e9:.2f}B parameters, {args.dtype}, built in {built:.0f} s")
     print(f"weights read per step: {weights / 1e9:.2f} GB; prompts {args.prompt_len} tokens, {args.new} new tokens")
     print(f"{'batch':>5} {'steps':>5} {'prefill s':>9} {'ms/step':>8} {'tok/s':>9} {'GB/step':>8} {'limit ms':>8} "
           f"{'of limit':>8} {'filled-cache limit':>18} {'compile s':>9} {'peak GB':>8}")

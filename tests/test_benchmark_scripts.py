@@ -36,7 +36,8 @@ def test_sampler_floor_does_every_weight_product_once(tiny_checkpoint):
     bench._products_step(x, layers, head, dot, lambda a: np.clip(a, -1, 1))
     text = tiny_model.language_model
     kernels = [p for path, p in nnx.to_flat_state(nnx.state(text.layers, nnx.Param)) if path[-1] == "kernel"]
-    head_size = (text.embed_tokens.embedding if tiny_model.config.tie_word_embeddings else tiny_model.lm_head.kernel).size
+    tied = tiny_model.config.tie_word_embeddings
+    head_size = (text.embed_tokens.embedding if tied else tiny_model.lm_head.kernel).size
     expected = 2 * rows * (sum(k.size for k in kernels) + head_size)
     assert sum(flops) == expected
     assert len(flops) == 7 * len(text.layers) + 1
