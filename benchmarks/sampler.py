@@ -1,6 +1,10 @@
 """Sampler speed: our compiled KV-cache decoding against transformers' `generate`, same weights, same batch.
 
-Both decode greedily with an end token that never comes, so every row makes exactly `new` tokens.
+Both decode greedily with an end token that never comes, so every row makes exactly `new` tokens. One more case
+is shaped like RL rollouts (`--rl-shape`, default 4 prompts x 8 samples at temperature 1): transformers expands the
+prompts before its prefill, ours prefills each prompt once and copies its cache to the samples. (Sampled rows may
+meet the end token, about once in 770 draws with these random weights, on both sides alike; finished rows still
+take part in every step on both sides, so the times compare.)
 Compile time is reported apart from the steady-state time. Each side runs `--repeats` times, alternating with
 the other (ours, transformers, ours, ...), and its fastest run is reported: on a shared machine the best run is
 the one least disturbed by other work, for both sides alike.
@@ -44,16 +48,20 @@ def prompts(processor, batch: int):
     return processor(texts, images=images)
 
 
-def ours_runner(model, batch, new, eos):
-    """Returns (compile seconds, run) where run() -> (seconds, tokens) is one steady-state generate call."""
+def ours_runner(model, batch, new, eos, samples=1):
+    """Returns (compile seconds, run) where run() -> (seconds, tokens) is one steady-state generate call.
+    With samples > 1: `samples` responses per prompt, sampled at temperature 1 (greedy otherwise)."""
+    import jax
+
     from speciarl_jax.sampling import Sampler
 
     sampler = Sampler()
     args = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    mode = dict(temperature=1.0, num_samples=samples, rng=jax.random.key(0)) if samples > 1 else dict(temperature=0.0)
 
     def run():
         start = time.perf_counter()
-        out = sampler.generate(model, **args, max_new_tokens=new, temperature=0.0, eos_token_ids=[eos])
+        out = sampler.generate(model, **args, max_new_tokens=new, eos_token_ids=[eos], **mode)
         return time.perf_counter() - start, out.tokens
 
     first, _ = run()  # compiles the vision, prefill and decode programs
@@ -61,18 +69,21 @@ def ours_runner(model, batch, new, eos):
     return first - steady, run
 
 
-def transformers_runner(hf, batch, new, eos):
+def transformers_runner(hf, batch, new, eos, samples=1):
     import torch
 
     inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
     inputs = {k: (v if k == "pixel_values" else v.long()) for k, v in inputs.items()}
+    mode = dict(do_sample=False)
+    if samples > 1:  # plain sampling: transformers' defaults would otherwise add top-k 50
+        mode = dict(do_sample=True, num_return_sequences=samples, temperature=1.0, top_k=0, top_p=1.0)
     with torch.no_grad():
-        hf.generate(**inputs, max_new_tokens=2, do_sample=False, eos_token_id=eos, pad_token_id=0)  # warm-up
+        hf.generate(**inputs, max_new_tokens=2, eos_token_id=eos, pad_token_id=0, **mode)  # warm-up
 
     def run():
         with torch.no_grad():
             start = time.perf_counter()
-            out = hf.generate(**inputs, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0)
+            out = hf.generate(**inputs, max_new_tokens=new, eos_token_id=eos, pad_token_id=0, **mode)
             elapsed = time.perf_counter() - start
         return elapsed, out[:, batch["input_ids"].shape[1]:].numpy()
 
@@ -157,6 +168,8 @@ def main():
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--lengths", default=None, help="comma-separated new-token counts for batch 32")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side and case (the best counts)")
+    parser.add_argument("--rl-shape", default="4x8", help="PROMPTSxSAMPLES: an extra case shaped like RL rollouts, "
+                        "several samples per prompt at temperature 1 ('' to skip)")
     args = parser.parse_args()
 
     import torch
@@ -174,18 +187,23 @@ def main():
     eos = model.config.text.vocab_size - 1  # never sampled by the tokenizer's text: every row runs to the end
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,32,128")).split(",")]
     lengths = [int(n) for n in (args.lengths or ("16" if args.quick else "32,64,128")).split(",")]
-    cases = [(b, 64 if not args.quick else 16) for b in batches]
-    cases += [(32 if not args.quick else 8, n) for n in lengths if (32 if not args.quick else 8, n) not in cases]
+    cases = [(b, 64 if not args.quick else 16, 1) for b in batches]
+    cases += [(32 if not args.quick else 8, n, 1) for n in lengths if (32 if not args.quick else 8, n, 1) not in cases]
+    if args.rl_shape:
+        num_prompts, samples = (int(v) for v in args.rl_shape.split("x"))
+        cases.append((num_prompts, 64 if not args.quick else 16, samples))
 
-    print(f"model: {params / 1e6:.1f}M parameters (transformers count), CPU, float32, greedy")
+    print(f"model: {params / 1e6:.1f}M parameters (transformers count), CPU, float32, greedy "
+          f"(PxS rows: P prompts x S samples each, sampled)")
     layers, head = _text_weights(model)
     print(f"{'batch':>5} {'new':>4} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'ours s':>7} {'hf s':>6} "
           f"{'prefill s':>9} {'floor s':>7} {'ceiling':>7} {'compile s':>9} {'same tokens':>11}")
-    for b, new in cases:
-        batch = prompts(processor, b)
-        compile_s, ours_run = ours_runner(model, batch, new, eos)
-        prefill_runs = [ours_runner(model, batch, 1, eos)[1], transformers_runner(hf, batch, 1, eos)]
-        hf_run = transformers_runner(hf, batch, new, eos)
+    for num_prompts, new, samples in cases:
+        batch = prompts(processor, num_prompts)
+        b = num_prompts * samples  # rows
+        compile_s, ours_run = ours_runner(model, batch, new, eos, samples)
+        prefill_runs = [ours_runner(model, batch, 1, eos, samples)[1], transformers_runner(hf, batch, 1, eos, samples)]
+        hf_run = transformers_runner(hf, batch, new, eos, samples)
         products = [runner(layers, head, b, new - 1) for runner in (xla_products_runner, torch_products_runner)]
         ours = theirs = prefill = floor = float("inf")
         for _ in range(args.repeats):
@@ -196,11 +214,12 @@ def main():
             prefill = min(prefill, *(run()[0] for run in prefill_runs))
             floor = min(floor, *(run() for run in products))
         floor += prefill
-        same = np.mean(ours_tokens == hf_tokens)
+        same = f"{np.mean(ours_tokens == hf_tokens):.1%}" if samples == 1 else "(sampled)"
         tokens = b * new
-        print(f"{b:>5} {new:>4} {tokens / ours:>11.0f} {tokens / theirs:>9.0f} {theirs / ours:>6.2f} "
+        label = str(b) if samples == 1 else f"{num_prompts}x{samples}"
+        print(f"{label:>5} {new:>4} {tokens / ours:>11.0f} {tokens / theirs:>9.0f} {theirs / ours:>6.2f} "
               f"{ours:>7.2f} {theirs:>6.2f} {prefill:>9.2f} {floor:>7.2f} {theirs / floor:>7.2f} "
-              f"{compile_s:>9.2f} {same:>11.1%}", flush=True)
+              f"{compile_s:>9.2f} {same:>11}", flush=True)
 
 
 if __name__ == "__main__":
