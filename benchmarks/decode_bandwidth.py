@@ -120,8 +120,7 @@ def main():
         steps = int(out.lengths.max()) - 1  # the first token comes from the prefill's logits
         step_s = (total - prefill) / max(steps, 1)
         # The decode program attends over every allocated slot; the filled part grows from the prompt by one a step.
-        slots = -(-args.prompt_len // sampler.prompt_bucket) * sampler.prompt_bucket
-        allocated = -(-slots // sampler.cache_bucket) * sampler.cache_bucket + args.new
+        slots, allocated = sampler.cache_slots(args.prompt_len, args.new)
         step_bytes = weights + cache_bytes(config, rows, allocated, dtype.itemsize)
         filled_bytes = weights + cache_bytes(config, rows, slots + steps / 2, dtype.itemsize)
         limit_s = step_bytes / (bandwidth * 1e9)

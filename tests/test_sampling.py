@@ -189,6 +189,7 @@ def test_decode_program_is_shared_across_prompt_buckets(model, tiny_processor):
         np.testing.assert_array_equal(out.tokens, Sampler().generate(model, **_args(batch), max_new_tokens=4,
                                                                      temperature=0.0).tokens)
 
+
 def _args(batch):
     return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
 

@@ -185,8 +185,7 @@ class Sampler:
         # Buckets: pad rows (all-padding prompts) and left-pad columns.
         shards = self._batch_shards()
         rows = _round_up(_next_power_of_two(batch), shards)
-        length = _round_up(input_ids.shape[1], self.prompt_bucket)
-        cache_length = _round_up(length, self.cache_bucket) + max_new_tokens
+        length, cache_length = self.cache_slots(input_ids.shape[1], max_new_tokens)
         pad_rows, pad_cols = rows - batch, length - input_ids.shape[1]
         ids = np.pad(input_ids, ((0, pad_rows), (pad_cols, 0)), constant_values=pad_id)
         mask = np.pad(attention_mask, ((0, pad_rows), (pad_cols, 0)))
@@ -217,6 +216,12 @@ class Sampler:
             response_mask=(np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32),
             image_features=image_features,
         )
+
+    def cache_slots(self, prompt_length: int, max_new_tokens: int) -> tuple[int, int]:
+        """(prompt slots, cache slots) for prompts of this length: the prompts are left-padded to the prompt bucket,
+        and the cache holds that rounded up to the cache bucket, plus the new tokens."""
+        length = _round_up(prompt_length, self.prompt_bucket)
+        return length, _round_up(length, self.cache_bucket) + max_new_tokens
 
     def image_features(self, model, pixel_values, image_grid_thw):
         """The vision tower's output [num_image_tokens, D] for these images, with this sampler's compiled programs."""
