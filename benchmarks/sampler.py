@@ -100,11 +100,11 @@ def _text_weights(model):
         attn, mlp = layer.self_attn, layer.mlp
         layers.append(tuple(kernel(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                                  mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
-    if model.config.tie_word_embeddings:
-        head = np.array(model.language_model.embed_tokens.embedding[...], np.float32).T
+    if model.config.tie_word_embeddings:  # the embedding table [V, D], transposed into a writable copy
+        head = np.ascontiguousarray(np.asarray(model.language_model.embed_tokens.embedding[...], np.float32).T)
     else:
         head = kernel(model.lm_head)
-    return layers, np.ascontiguousarray(head)
+    return layers, head
 
 
 def _products_step(x, layers, head, dot, squash):
