@@ -92,14 +92,6 @@ class Run:
         return self.config.run_dir
 
 
-def set_path(config, key: str, value) -> None:
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-        target = target[p]
-    target[leaf] = value
-
-
 def base_config(quick: bool = False):
     """configs/miniature.py, shrunk further for --quick."""
     c = miniature.get_config()

@@ -34,12 +34,7 @@ def small_config(run_dir, **changes):
     c.sft.batch_size = 16
     c.sft.learning_rate = 5e-3
     c.sft.warmup_steps = 5
-    for key, value in changes.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    c.update_from_flattened_dict(changes)  # dotted keys, e.g. "mesh.fsdp"
     return c
 
 
