@@ -118,7 +118,9 @@ def main():
             total = min(total, seconds)
             prefill = min(prefill, run(1)[0])
         steps = int(out.lengths.max()) - 1  # the first token comes from the prefill's logits
-        step_s = (total - prefill) / max(steps, 1)
+        # Decode time is the difference of two timings: for a very short run noise can make it vanish, and then
+        # the timed columns say n/a instead of showing nonsense.
+        step_s = (total - prefill) / steps if steps > 0 and total > prefill else float("nan")
         # The decode program attends over every allocated slot; the filled part grows from the prompt by one a step.
         slots, allocated = sampler.cache_slots(args.prompt_len, args.new)
         step_bytes = weights + cache_bytes(config, rows, allocated, dtype.itemsize)
@@ -126,7 +128,7 @@ def main():
         limit_s = step_bytes / (bandwidth * 1e9)
         stats = device.memory_stats() or {}
         peak = stats.get("peak_bytes_in_use")
-        print(f"{rows:>5} {steps:>5} {prefill:>9.3f} {step_s * 1e3:>8.2f} {rows / step_s:>9.0f} "
+        print(f"{rows:>5} {steps:>5} {prefill:>9.3f} {step_s * 1e3:>8.2f} {rows / step_s:>9.0f} "  # nan prints nan
               f"{step_bytes / 1e9:>8.2f} {limit_s * 1e3:>8.2f} {limit_s / step_s:>8.1%} "
               f"{filled_bytes / (bandwidth * 1e9) / step_s:>18.1%} {first - total:>9.1f} "
               f"{peak / 1e9 if peak else float('nan'):>8.1f}", flush=True)
