@@ -19,7 +19,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 1
     c.eval_every = 0  # 0: evaluate only at the end (if eval data is configured)
     c.checkpoint_every = 10
+    c.checkpoint_every_seconds = 0.0  # > 0: also save when this long has passed since the last save (0: off)
+    c.async_checkpoints = True  # write checkpoints in the background while training goes on
     c.keep_checkpoints = 3
+    # Multi-host: a process that stops answering the coordination service this long makes all the others exit.
+    c.heartbeat_timeout_s = 100
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 

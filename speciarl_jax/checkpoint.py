@@ -25,16 +25,23 @@ def _is_remote(path: str) -> bool:
 
 
 class Checkpointer:
-    """Save and restore training state under `directory/<step>/`, keeping the last `keep` steps."""
+    """Save and restore training state under `directory/<step>/`, keeping the last `keep` steps.
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+    With `async_save`, `save` returns once the arrays are copied off the devices and the files are written in
+    the background (the next `save`, `wait` or `close` waits for them); a step counts as saved only after the
+    rename that finishes it, so a crash mid-write still leaves the previous step as the latest.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = False):
         directory = os.fspath(directory)
         if not _is_remote(directory):
             directory = os.path.abspath(directory)
         self.directory = directory
+        self._async = async_save
         self._manager = ocp.CheckpointManager(
             epath.Path(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save),
             item_names=("params", "opt_state", "meta"),
         )
 
@@ -47,7 +54,7 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, *, params, opt_state, meta: dict[str, Any]) -> None:
-        """Write one step and wait until it is complete on disk."""
+        """Write one step (in the background with `async_save`; otherwise wait until it is complete on disk)."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -57,6 +64,11 @@ class Checkpointer:
             ),
             force=True,
         )
+        if not self._async:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until every save started so far is complete on disk."""
         self._manager.wait_until_finished()
 
     def restore(self, step: int | None = None, *, params_like, opt_state_like) -> tuple[Any, Any, dict]:
@@ -77,7 +89,17 @@ class Checkpointer:
         return restored["params"], restored["opt_state"], dict(restored["meta"])
 
     def close(self) -> None:
-        self._manager.close()
+        self._manager.close()  # waits for a save in flight
+
+
+def finished_steps(directory: str) -> list[int]:
+    """The finished steps under a local checkpoint folder, read from its listing alone (no orbax, no
+    collectives: safe when other processes are gone). Unfinished saves live under temporary names."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
 def _abstract(tree):

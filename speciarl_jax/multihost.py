@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import threading
+import uuid
 from typing import Any
 
 import jax
 import numpy as np
+
+from .verifier.base import VerifierError
 
 
 def _allgather(array: np.ndarray) -> np.ndarray:
@@ -94,14 +100,78 @@ def gather_batch(batch, pad_token_id: int):
 
 def classify_split(verifier, pairs: list[tuple[str, Any]], group_ids: np.ndarray) -> list[str]:
     """Verdicts for (label, answer) pairs that every process holds: process p grades the groups g with
-    g % P == p, and the verdicts are all-gathered."""
+    g % P == p, and the verdicts are all-gathered. A VerifierError on any process is raised on all of them."""
     count = jax.process_count()
     if count == 1:
         return list(verifier.classify(pairs))
     mine = [i for i, g in enumerate(group_ids) if int(g) % count == jax.process_index()]
-    verdicts = list(verifier.classify([pairs[i] for i in mine]))
+    try:
+        verdicts, failure = list(verifier.classify([pairs[i] for i in mine])), None
+    except VerifierError as err:  # shared, so that every process stops here rather than waiting for this one
+        verdicts, failure = [], str(err)
+    gathered = allgather_json([mine, verdicts, failure])
+    failures = [(p, f) for p, (_, _, f) in enumerate(gathered) if f is not None]
+    if failures:
+        raise VerifierError("; ".join(f"process {p}: {f}" for p, f in failures))
     out: list[str | None] = [None] * len(pairs)
-    for rows, answers in allgather_json([mine, verdicts]):
+    for rows, answers, _ in gathered:
         for i, verdict in zip(rows, answers):
             out[i] = verdict
     return out
+
+
+class SharedFolderError(RuntimeError):
+    """The processes of a run do not see one shared run folder."""
+
+
+def check_shared_folder(folder: str, setting: str = "config.run_dir") -> None:
+    """Fail, on every process, unless all processes see the same `folder`: process 0 writes a fresh token into
+    it and every process must read that token back. Checkpoints and metrics rely on it."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = allgather_json(uuid.uuid4().hex if jax.process_index() == 0 else None)[0]
+    path = os.path.join(folder, ".shared_folder_check")
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            f.write(token)
+        os.replace(path + ".tmp", path)
+    multihost_utils.sync_global_devices("check_shared_folder")
+    try:
+        with open(path) as f:
+            seen = f.read()
+    except OSError:
+        seen = None
+    views = allgather_json({"host": socket.gethostname(), "folder": os.path.abspath(folder), "ok": seen == token})
+    blind = [p for p, v in enumerate(views) if not v["ok"]]
+    if blind:
+        where = ", ".join(f"process {p} on {v['host']} sees {v['folder']}" for p, v in enumerate(views))
+        raise SharedFolderError(
+            f"{setting} must be one folder shared by every process, but process(es) {blind} cannot see what "
+            f"process 0 wrote into {views[0]['folder']} ({where}). Point {setting} at a shared file system mounted "
+            "at the same path on every host (Filestore / NFS, or a Cloud Storage FUSE mount).")
+
+
+def lost_processes(timeout_s: float) -> list[int] | None:
+    """The processes the coordination service has declared dead (their heartbeats stopped), or None when that
+    could not be told within `timeout_s` (the service answers once every live process asks, or once the missing
+    ones time out)."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        return []
+    everyone = list(range(jax.process_count()))
+    answer: list = []
+
+    def ask():
+        try:
+            answer.append(sorted(set(everyone) - set(client.get_live_nodes(everyone))))
+        except Exception:  # the coordinator itself is gone: process 0
+            answer.append([0])
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return answer[0] if answer else None

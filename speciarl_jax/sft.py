@@ -25,6 +25,7 @@ from . import multihost
 from .models import lora
 from .rl.batch import make_rollout_batch
 from .rl.logprobs import response_logprobs
+from .stopping import TrainingInterrupted
 from .verifier import Taxonomy
 
 TARGET_BUCKET = 16  # target lengths are padded up to a multiple of this
@@ -98,8 +99,12 @@ def sft_filter(lora_config: lora.LoRAConfig, train_vision: bool):
     return nnx.Any(base, nnx.All(nnx.Param, lambda path, _: path[0] == "visual"))
 
 
-def run_sft(trainer) -> dict[str, float]:
-    """Fine-tune `trainer.model` in place for `config.sft.steps` steps; returns the last metrics."""
+def run_sft(trainer, should_stop=None) -> dict[str, float]:
+    """Fine-tune `trainer.model` in place for `config.sft.steps` steps; returns the last metrics.
+
+    `should_stop()` is asked at every step (by every process together) and returns a `stopping.Decision`;
+    SFT is not checkpointed, so a stop there means the resumed run starts SFT again.
+    """
     from .trainer import synthetic_taxonomy
 
     config = trainer.config
@@ -124,10 +129,9 @@ def run_sft(trainer) -> dict[str, float]:
     bar = tqdm(total=cfg.steps, desc="sft", disable=not trainer.is_main, dynamic_ncols=True)
     for step, local in zip(range(cfg.steps), pipeline):
         batch = multihost.gather_batch(local, trainer.processor.pad_token_id)
-        if trainer._stop_signal is not None:
-            from .trainer import TrainingInterrupted
-
-            raise TrainingInterrupted(f"Stopped by signal {trainer._stop_signal} during SFT (step {step}); SFT is not "
+        decision = should_stop() if should_stop is not None else None
+        if decision is not None and decision.stop:
+            raise TrainingInterrupted(f"Stopped by {decision.cause()} during SFT (step {step}); SFT is not "
                                       "checkpointed, so a resumed run starts it again.")
         tokens, mask = tokenize_targets(trainer.processor, [targets(label) for label in batch.labels])
         grids = tuple(tuple(int(v) for v in g) for g in batch.image_grid_thw)

@@ -19,7 +19,9 @@ _DEMO = os.path.join(os.path.dirname(configs.__file__), "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "Path of a config file (see configs/).")
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed(heartbeat_timeout_s: int = 100) -> None:
+    """Join the run's other processes when JAX_COORDINATOR_ADDRESS is set. A process whose heartbeats stop for
+    `heartbeat_timeout_s` is declared dead by the coordination service, which then ends every other process."""
     import jax
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -29,24 +31,55 @@ def maybe_initialize_distributed() -> None:
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            heartbeat_timeout_seconds=int(heartbeat_timeout_s),
         )
+
+
+def exit_if_processes_were_lost(err: BaseException, config) -> None:
+    """After an error in a multi-process run: if other processes died, say which and exit at once (code 4),
+    rather than wait in JAX's shutdown barrier for processes that will never come."""
+    import jax
+
+    from . import multihost
+
+    if jax.process_count() == 1:
+        return
+    me = jax.process_index()
+    print(f"process {me}: {type(err).__name__}: {err}; asking the coordination service which processes are "
+          f"alive (up to {config.heartbeat_timeout_s} s)", file=sys.stderr, flush=True)
+    lost = multihost.lost_processes(config.heartbeat_timeout_s + 10)
+    if not lost:
+        return
+    from .checkpoint import finished_steps
+    from .trainer import run_dir_of
+
+    folder = os.path.join(run_dir_of(config), "checkpoints")
+    steps = finished_steps(folder)
+    print(f"process {me}: lost process(es) {lost} of {jax.process_count()}: they stopped sending heartbeats "
+          f"(died, were killed or preempted). The last finished checkpoint in {folder} is "
+          f"{f'step {steps[-1]}' if steps else 'none'}; run the same command again on every host to resume.",
+          file=sys.stderr, flush=True)
+    os._exit(4)  # JAX's shutdown would wait for the lost processes
 
 
 def main(argv) -> None:
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
-    maybe_initialize_distributed()
+    config = _CONFIG.value
+    maybe_initialize_distributed(config.heartbeat_timeout_s)
     from .trainer import Trainer, TrainingInterrupted, before_after_table
 
-    config = _CONFIG.value
-    trainer = Trainer(config)
     try:
+        trainer = Trainer(config)
         result = trainer.run()
     except TrainingInterrupted as err:
         logging.error("%s", err)
         print(err, file=sys.stderr)
         sys.exit(3)
+    except Exception as err:
+        exit_if_processes_were_lost(err, config)
+        raise
     if trainer.is_main and result["eval_after"]:
         print(before_after_table(result["eval_before"], result["eval_after"]))
 

@@ -10,9 +10,11 @@ One step, as data flows:
   the configured mini-batch optimizer steps. DAPO's dynamic sampling draws further prompt batches until B
   groups with differing rewards are collected.
 
-Nothing is lost on failure: a checkpoint is written every `checkpoint_every` steps and at the end; a verifier
-outage or SIGTERM (a preempted VM) saves the last finished step and exits with the command to resume; a NaN
-loss exits without saving over the last good checkpoint.
+Nothing is lost on failure: a checkpoint is written every `checkpoint_every` steps (and every
+`checkpoint_every_seconds`), in the background, and at the end; a verifier outage or SIGTERM (a preempted VM)
+saves the last finished step and exits with the command to resume; a NaN loss exits without saving over the
+last good checkpoint. With several processes these decisions are taken by all of them together at one point of
+every step (`stopping.StopFlags.agree`), so they all save the same step and stop.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import time
 from typing import Any
 
@@ -46,14 +47,11 @@ from .rl.advantages import group_advantages
 from .rl.batch import make_rollout_batch, prompt_image_offsets
 from .rl.update import Learner, RLConfig, preset
 from .sampling import Sampler
+from .stopping import StopFlags, TrainingInterrupted
 from .verifier import Taxonomy, VerifierError, make_verifier
 
 # RLConfig fields where the config's 0 stands for None (ml_collections cannot type a None default).
 _ZERO_IS_NONE = ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "total_steps")
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised after a clean save when training cannot or should not go on (SIGTERM, verifier outage, NaN)."""
 
 
 # ---- building blocks from the config ----
@@ -167,6 +165,10 @@ def validate(config, process_count: int = 1) -> None:
         if rl.overlong_buffer and rl.overlong_buffer >= config.rollout.max_new_tokens:
             problems.append(f"rl.overlong_buffer {rl.overlong_buffer} must be below rollout.max_new_tokens "
                             f"{config.rollout.max_new_tokens} (DAPO shapes rewards over the last buffer tokens)")
+    if config.checkpoint_every < 1:
+        problems.append(f"checkpoint_every must be >= 1 (steps), got {config.checkpoint_every}")
+    if config.checkpoint_every_seconds < 0:
+        problems.append(f"checkpoint_every_seconds must be >= 0 (0: off), got {config.checkpoint_every_seconds}")
     if config.sft.enabled and abs(sum(config.sft.levels) - 1) > 1e-6:
         problems.append(f"sft.levels must sum to 1, got {list(config.sft.levels)}")
     if problems:
@@ -213,6 +215,7 @@ class Trainer:
         self.config = config
         self.run_dir = run_dir_of(config)
         os.makedirs(self.run_dir, exist_ok=True)
+        multihost.check_shared_folder(self.run_dir)
         self.is_main = jax.process_index() == 0
         self.mesh = parallel.make_mesh(**config.mesh.to_dict(), devices=devices)
 
@@ -233,13 +236,14 @@ class Trainer:
         self.build_policy(self.sft_dir if config.sft.enabled and self.sft_done else self.model_dir)
         self.sampler = Sampler(prompt_bucket=config.rollout.prompt_bucket, mesh=self.mesh)
         self.verifier = build_verifier(config)
-        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=config.keep_checkpoints)
+        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=config.keep_checkpoints,
+                                         async_save=config.async_checkpoints)
+        self.stop_flags = StopFlags(config.checkpoint_every_seconds)
         self.writer = MetricWriter(self.run_dir, enabled=self.is_main)
         self.rng = jax.random.key(config.seed)
         self.noise_rng = np.random.default_rng(config.reward.noise_seed)
         self.step = 0
         self.data_iter = None
-        self._stop_signal = None
         if self.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
@@ -259,7 +263,7 @@ class Trainer:
         from .models.qwen2_5_vl import save_pretrained
         from .sft import run_sft
 
-        metrics = run_sft(self)
+        metrics = run_sft(self, should_stop=self.stop_flags.agree)
         lora.merge_lora(self.model)
         tmp = self.sft_dir + ".tmp"
         if self.is_main:
@@ -286,6 +290,13 @@ class Trainer:
         }
         state = self.learner.state
         self.checkpointer.save(self.step, params=state.params, opt_state=state.opt_state, meta=meta)
+        self.stop_flags.mark_saved()
+
+    def save_and_stop(self, message: str) -> TrainingInterrupted:
+        """Save the current step, wait until it is on disk, and return the error to raise (on every process)."""
+        self.save()
+        self.checkpointer.wait()
+        return TrainingInterrupted(f"{message}; step {self.step} is saved. {self._resume_hint()}")
 
     def restore(self) -> bool:
         """Load the checkpoint named by `config.resume` (or the run folder's latest). True if one was loaded."""
@@ -425,16 +436,18 @@ class Trainer:
 
     # ---- the loop ----
 
-    def _on_sigterm(self, signum, frame):
-        self._stop_signal = signum
-        logging.warning("signal %d received: finishing the current step, then saving and exiting", signum)
-
     def run(self) -> dict:
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.stop_flags.install()
         try:
             return self._run()
+        except Exception as err:
+            # Finish a background save before the error ends the process, unless other processes may be gone
+            # (their part of the save would never come); the last finished checkpoint stays the one to resume.
+            if jax.process_count() == 1 and not isinstance(err, TrainingInterrupted):
+                self.checkpointer.wait()
+            raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            self.stop_flags.uninstall()
             self.writer.close()
 
     def _resume_hint(self) -> str:
@@ -454,12 +467,12 @@ class Trainer:
         while self.step < self.total_steps:
             try:
                 metrics = self.rl_step()
-            except VerifierError as err:
-                self.save()
-                raise TrainingInterrupted(f"The verifier failed at step {self.step + 1}: {err}\nSaved step "
-                                          f"{self.step}; {self._resume_hint()}") from err
+            except VerifierError as err:  # raised on every process at the same point (multihost.classify_split)
+                raise self.save_and_stop(f"The verifier failed at step {self.step + 1}: {err}") from err
             loss = metrics.get("update/loss", 0.0)
-            if not np.isfinite(loss):
+            # The one point of every step where the processes agree whether to stop, save or go on.
+            decision = self.stop_flags.agree(self.step + 1, nonfinite=not np.isfinite(loss))
+            if decision.nonfinite:
                 raise TrainingInterrupted(f"The loss became {loss} at step {self.step + 1}; nothing was saved over "
                                           f"the last good checkpoint. Lower rl.learning_rate and {self._resume_hint()}")
             self.step += 1
@@ -468,20 +481,21 @@ class Trainer:
                 self.writer.write(self.step, metrics)
             bar.update(1)
             bar.set_postfix_str(summary_line(metrics, ["reward_mean", "correctness", "specificity", "hm"]))
+            if decision.stop:
+                raise self.save_and_stop(f"Stopped by {decision.cause()} after step {self.step}")
+            if (self.step % self.config.checkpoint_every == 0 or self.step == self.total_steps
+                    or decision.checkpoint_due):
+                self.save()
             if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
                 self.writer.write(self.step, self.evaluate())
-            if self._stop_signal is not None:
-                self.save()
-                raise TrainingInterrupted(f"Stopped by signal {self._stop_signal} after step {self.step}, which is "
-                                          f"saved; {self._resume_hint()}")
-            if self.step % self.config.checkpoint_every == 0 or self.step == self.total_steps:
-                self.save()
         bar.close()
         after = self.evaluate()
         if after:
             self.writer.write(self.step, after)
+        self.checkpointer.wait()
         if self.step and self.checkpointer.latest_step() != self.step:
             self.save()
+            self.checkpointer.wait()
         return {"train": last, "eval_before": before, "eval_after": after}
 
 
