@@ -212,7 +212,8 @@ EOF
 }
 
 # remote_stop_script DIR PIDFILE WHAT: SIGTERM to the background process. The trainer finishes the current
-# step, saves a checkpoint and exits (speciarl_jax.trainer handles the signal); vLLM shuts down.
+# step, saves a checkpoint and exits; on several workers all of them do so at the same step, whichever
+# received the signal (speciarl_jax/stopping.py); vLLM shuts down.
 remote_stop_script() {
   local dir=$1 pidfile=$2 what=$3
   # shellcheck disable=SC2016  # $pidfile and $(...) are for the remote shell

@@ -19,7 +19,8 @@ Subcommands:
   train     start `python -m speciarl_jax.train --config=CONFIG ARGS...` on all workers at once, in the
             background; ARGS after -- are trainer flags such as --config.mesh.data=8
   logs      follow a worker's trainer log (worker 0 unless --worker)
-  stop      SIGTERM the trainer on every worker: it saves the current step and exits
+  stop      SIGTERM the trainer on every worker: the workers finish the step, all save it and exit
+            (a preemption notice to a single worker has the same effect: the trainers agree each step)
   exec      run the command given after -- on every worker, from the project folder
   status    describe the TPU (or the queued resource)
   delete    delete the TPU VM (with --queued: the queued resource and its TPU)

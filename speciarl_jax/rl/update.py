@@ -386,7 +386,11 @@ class Learner:
             replicated = NamedSharding(mesh, PartitionSpec())
             state_shardings = jax.tree.map(
                 lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
-            state = jax.device_put(state, state_shardings)
+            # Built from the host value: device_put of a one-device array onto devices of several processes
+            # gives an array whose shards orbax cannot read (a checkpoint before the first step failed so).
+            state = jax.tree.map(
+                lambda x, s: x if x.sharding == s else jax.make_array_from_callback(
+                    x.shape, s, lambda index, value=np.asarray(x): value[index]), state, state_shardings)
         self.state = state
         self._state_shardings = state_shardings
         self._train_step = jax.jit(
