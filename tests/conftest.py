@@ -29,6 +29,20 @@ def tiny_processor(tiny_checkpoint):
     return Processor.from_pretrained(tiny_checkpoint)
 
 
+@pytest.fixture(scope="session")
+def warm_model(tmp_path_factory):
+    """A tiny policy after a short SFT (tests.test_trainer.small_config), as a Hugging Face folder; the RL
+    tests start from it."""
+    from speciarl_jax.trainer import Trainer
+    from tests.test_trainer import small_config
+
+    run_dir = tmp_path_factory.mktemp("warm")
+    trainer = Trainer(small_config(run_dir, steps=0, epochs=0))  # SFT only
+    trainer.run()
+    assert os.path.exists(os.path.join(trainer.sft_dir, "config.json"))
+    return trainer.sft_dir
+
+
 def load_reference(path):
     """transformers' PyTorch Qwen2.5-VL in float32 with eager attention: the oracle for parity tests."""
     import torch

@@ -2,7 +2,6 @@
 the same step and stop; a killed process makes the other exit with an error naming it; processes that do not
 share the run folder refuse to start. Each pair runs the real command line (`speciarl_jax.train`)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from speciarl_jax.checkpoint import Checkpointer
 from speciarl_jax.trainer import Trainer, synthetic_taxonomy
 from speciarl_jax.verifier.server import FaultPlan, LoopbackVerifierServer
 from tests.test_multiprocess import free_port
-from tests.test_trainer import read_metrics, rl_config, trainable, warm_model  # noqa: F401 (a fixture)
+from tests.test_trainer import read_metrics, rl_config, trainable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -138,9 +137,11 @@ def test_a_killed_process_ends_the_other_and_the_rerun_resumes(tmp_path, warm_mo
     run_dir = tmp_path / "run"
     config = pair_config(run_dir, warm_model, checkpoint_every=1)
     pair = Pair(tmp_path, "kill", [config, config], hooks={1: (3, "SIGKILL")}, cache_dir=cache_dir)
-    (code0, out0, _), (code1, _, _) = pair.wait()
+    (code0, out0, end0), (code1, _, end1) = pair.wait()
     assert code1 == -signal.SIGKILL
     assert code0 not in (0, 3), out0[-3000:]
+    assert end0 - end1 < 5 + 30, (end0, end1)  # the heartbeat timeout (5 s) and a margin
+    print(f"process 0 exited {end0 - end1:.1f} s after process 1 was killed, with code {code0}:\n{out0[-1500:]}")
     # Process 0 names the lost process (in this project's words, or in JAX's when its coordination service
     # ends the process first: both come from the same heartbeat timeout).
     assert ("lost process(es) [1] of 2" in out0 or "stopped sending heartbeats):\n1\n" in out0), out0[-3000:]

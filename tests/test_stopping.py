@@ -13,7 +13,7 @@ import pytest
 from speciarl_jax.checkpoint import Checkpointer, finished_steps
 from speciarl_jax.stopping import StopFlags
 from speciarl_jax.trainer import Trainer, TrainingInterrupted
-from tests.test_trainer import read_metrics, rl_config, warm_model  # noqa: F401 (a fixture)
+from tests.test_trainer import read_metrics, rl_config
 
 
 def test_stop_flags_report_what_this_process_saw():

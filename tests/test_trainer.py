@@ -38,16 +38,6 @@ def small_config(run_dir, **changes):
     return c
 
 
-@pytest.fixture(scope="module")
-def warm_model(tmp_path_factory):
-    """A tiny policy after a short SFT, as a Hugging Face folder; the RL tests start from it."""
-    run_dir = tmp_path_factory.mktemp("warm")
-    trainer = Trainer(small_config(run_dir, steps=0, epochs=0))  # SFT only
-    trainer.run()
-    assert os.path.exists(os.path.join(trainer.sft_dir, "config.json"))
-    return trainer.sft_dir
-
-
 def rl_config(run_dir, warm_model, **changes):
     return small_config(run_dir, **{"model.tiny": False, "model.path": warm_model, "sft.enabled": False, **changes})
 
