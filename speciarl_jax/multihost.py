@@ -41,7 +41,8 @@ def allgather_json(value: Any) -> list[Any]:
         return [value]
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     sizes = _allgather(np.array([data.size], np.int64))[:, 0]
-    buffer = np.zeros(int(sizes.max()), np.uint8)
+    # Rounded up to a power of two, so that the all-gather compiles a few programs, not one per length.
+    buffer = np.zeros(1 << max(6, int(sizes.max() - 1).bit_length()), np.uint8)
     buffer[: data.size] = data
     gathered = _allgather(buffer)
     return [json.loads(bytes(gathered[p, : sizes[p]])) for p in range(len(sizes))]

@@ -33,13 +33,13 @@ class Pair:
 
     def __init__(self, tmp_path, name, configs, hooks=None, cache_dir=None):
         port = free_port()
-        self.procs, self.started = [], time.monotonic()
+        self.procs, self.started, self.wall_start = [], time.monotonic(), time.time()
         for rank, config in enumerate(configs):
             config_file = tmp_path / f"{name}_config{rank}.json"
             config_file.write_text(config.to_json())
             hook = (hooks or {}).get(rank)
             script = textwrap.dedent(f"""
-                import json, os, signal, sys
+                import json, os, signal, sys, time
                 sys.path.insert(0, {REPO!r})
                 from absl import app
                 from ml_collections import ConfigDict
@@ -52,6 +52,7 @@ class Pair:
 
                     def rl_step(self):
                         if self.step + 1 == hook[0]:  # the signal arrives while this step runs
+                            print(f"hook: {{hook[1]}} at {{time.time()}}", flush=True)
                             os.kill(os.getpid(), getattr(signal, hook[1]))
                         return real_step(self)
 
@@ -120,11 +121,15 @@ def assert_same_run(run_dir, straight):
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, warm_model, straight, cache_dir):
     run_dir = tmp_path / "run"
     config = pair_config(run_dir, warm_model, checkpoint_every=100)  # only the stop saves before the end
-    results = Pair(tmp_path, "sigterm", [config, config], hooks={1: (2, "SIGTERM")}, cache_dir=cache_dir).wait()
+    pair = Pair(tmp_path, "sigterm", [config, config], hooks={1: (2, "SIGTERM")}, cache_dir=cache_dir)
+    results = pair.wait()
     for code, out, _ in results:
         assert code == 3, out[-3000:]
         assert "Stopped by signal 15 on process(es) [1] after step 2; step 2 is saved" in out, out[-3000:]
-    assert abs(results[0][2] - results[1][2]) < 30  # they stopped together
+    signalled = float(results[1][1].split("hook: SIGTERM at ")[1].split()[0])
+    to_exit = [pair.wall_start + end - signalled for _, _, end in results]
+    assert max(to_exit) < 60, to_exit  # the step in flight, the save, the exit
+    print(f"seconds from the signal to each process's exit: {to_exit[0]:.1f}, {to_exit[1]:.1f}")
     assert Checkpointer(run_dir / "checkpoints").all_steps() == [2]
 
     results = Pair(tmp_path, "resume", [config, config], cache_dir=cache_dir).wait()  # a fresh pair
