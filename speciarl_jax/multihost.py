@@ -132,11 +132,10 @@ def check_shared_folder(folder: str, setting: str = "config.run_dir") -> None:
         return
     from jax.experimental import multihost_utils
 
-    token = allgather_json(uuid.uuid4().hex if jax.process_index() == 0 else None)[0]
     path = os.path.join(folder, ".shared_folder_check")
     if jax.process_index() == 0:
         with open(path + ".tmp", "w") as f:
-            f.write(token)
+            f.write(uuid.uuid4().hex)
         os.replace(path + ".tmp", path)
     multihost_utils.sync_global_devices("check_shared_folder")
     try:
@@ -144,8 +143,8 @@ def check_shared_folder(folder: str, setting: str = "config.run_dir") -> None:
             seen = f.read()
     except OSError:
         seen = None
-    views = allgather_json({"host": socket.gethostname(), "folder": os.path.abspath(folder), "ok": seen == token})
-    blind = [p for p, v in enumerate(views) if not v["ok"]]
+    views = allgather_json({"host": socket.gethostname(), "folder": os.path.abspath(folder), "seen": seen})
+    blind = [p for p, v in enumerate(views) if v["seen"] is None or v["seen"] != views[0]["seen"]]
     if blind:
         where = ", ".join(f"process {p} on {v['host']} sees {v['folder']}" for p, v in enumerate(views))
         raise SharedFolderError(

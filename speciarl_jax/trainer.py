@@ -441,9 +441,10 @@ class Trainer:
         try:
             return self._run()
         except Exception as err:
-            # Finish a background save before the error ends the process, unless other processes may be gone
-            # (their part of the save would never come); the last finished checkpoint stays the one to resume.
-            if jax.process_count() == 1 and not isinstance(err, TrainingInterrupted):
+            # Finish a background save before the error ends the process (a NaN loss must not cut short the
+            # save of the last good step), unless the error may mean that other processes are gone: their part
+            # of the save would never come. The last finished checkpoint stays the one to resume.
+            if isinstance(err, TrainingInterrupted) or jax.process_count() == 1:
                 self.checkpointer.wait()
             raise
         finally:
