@@ -13,7 +13,15 @@ weights get no gradients, the adapters' own matmuls are ignored); gradient check
 is not counted (model FLOPs, not hardware FLOPs). Peak memory: the device's peak allocation where the runtime
 reports it (GPU), else XLA's buffer assignment of the compiled step plus the process's peak RSS (CPU).
 
+`--compare`: the RL workload (response lengths long-tailed, median an eighth of `--response`, a few at the cap)
+through the previous update path (every micro-batch at the batch's full width, one program) and the bucketed
+one (`RLConfig.micro_batch_tokens`: rows grouped by length, each micro-batch cut to its own width), each in a
+fresh process, and prints them side by side: seconds per update (old + reference log-probabilities + optimizer
+steps, after warm-up), computed token slots against real tokens, the process's peak memory, and XLA's temporary
+bytes of the largest compiled program.
+
 Run:
+    python benchmarks/update.py --compare --size 50m --rows 64 --prompt 128 --response 512
     python benchmarks/update.py --size tiny
     python benchmarks/update.py --size 50m --rows 16 --prompt 256 --response 256 --micro 4
     python benchmarks/update.py --size 7b --rank 64 --dtype bfloat16 --rows 32 --mini 16 --micro 4 \
@@ -79,6 +87,121 @@ def random_rollouts(config, rows: int, samples: int, prompt: int, response: int,
                               advantages, num_samples=samples)
 
 
+def rl_lengths(rows: int, cap: int, seed: int = 0) -> np.ndarray:
+    """Response lengths as reasoning rollouts spread: log-normal with median cap / 8, about 3% cut at the cap."""
+    rng = np.random.default_rng(seed)
+    lengths = np.exp(rng.normal(np.log(cap / 8), 1.1, rows))
+    return np.clip(np.round(lengths), 4, cap).astype(np.int64)
+
+
+def rl_rollouts(config, rows: int, samples: int, prompt: int, response: int, seed: int = 0):
+    """Random rollouts whose response lengths follow `rl_lengths`."""
+    batch = random_rollouts(config, rows, samples, prompt, response, seed)
+    lengths = rl_lengths(rows, response, seed)
+    mask = (np.arange(response)[None] < lengths[:, None]).astype(np.int32)
+    return batch.replace(response_mask=mask)
+
+
+def run_path(args) -> dict:
+    """One update path on the RL workload, in this process: the JSON `--compare` collects."""
+    from speciarl_jax import compilation
+    from speciarl_jax.rl import micro_batches
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = build_model(args.size, dtype)
+    lora.apply_lora(model, lora.LoRAConfig(rank=args.rank, alpha=args.rank / 2))
+    bucketed = args.path == "bucketed"
+    # The previous path runs micro-batches of --micro rows at full width; the bucketed one fills --tokens per pass.
+    config = update.preset("grpo", mini_batch_size=args.mini, micro_batch_size=None if bucketed else args.micro,
+                           logprob_chunk=args.chunk, remat=not args.no_remat,
+                           micro_batch_tokens=args.tokens if bucketed else None)
+    learner = update.Learner(model, config)
+    batch = rl_rollouts(model.config, args.rows, args.samples, args.prompt, args.response)
+    compiles = compilation.CompileCounter()
+    start = time.perf_counter()
+    learner.step(batch)  # compiles every program the workload needs
+    first = time.perf_counter() - start
+    compiled = compiles.take()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        learner.step(batch)
+        times.append(time.perf_counter() - start)
+    real = int(np.asarray(batch.response_mask).sum() + args.rows * args.prompt)
+    if bucketed:
+        plan = learner.plan(np.asarray(batch.response_mask).sum(1), args.prompt, args.response)
+        slots = micro_batches.padded_tokens(plan, args.prompt)
+        largest = max(plan, key=lambda m: len(m.rows) * (args.prompt + m.response_width))
+        piece = learner._piece(jax.tree.map(np.asarray, batch.replace(
+            old_logprobs=np.zeros(batch.response_mask.shape, np.float32),
+            ref_logprobs=np.zeros(batch.response_mask.shape, np.float32))), np.arange(args.rows), largest, None)
+        mask = np.asarray(batch.response_mask)
+        totals = {"tokens": np.float32(mask.sum()), "rows": np.float32(args.rows), "num_micro": np.float32(1),
+                  "max_len": np.float32(args.response)}
+        lowered = learner._accumulate.lower(learner._zero_acc(learner.state.params), learner.state.params,
+                                            learner.frozen, piece, totals)
+        shapes = sorted({m.shape for m in plan}, reverse=True)
+    else:
+        micro = args.micro or args.mini or args.rows
+        slots = args.rows * (args.prompt + args.response)
+        placed = learner.place(batch)
+        placed = placed.replace(old_logprobs=jnp.zeros(placed.response_mask.shape),
+                                ref_logprobs=jnp.zeros(placed.response_mask.shape))
+        lowered = learner.train_step.lower(learner.state, learner.frozen, placed)
+        shapes = [(micro, args.response)]
+    analysis = lowered.compile().memory_analysis()
+    return {
+        "path": args.path, "update_s": round(float(np.median(times)), 4), "first_update_s": round(first, 2),
+        "programs_compiled": compiled["count"], "real_tokens": real, "token_slots": int(slots),
+        "micro_batch_shapes": [list(s) for s in shapes],
+        "largest_program_temp_bytes": int(analysis.temp_size_in_bytes) if analysis is not None else None,
+        "device_peak_bytes": device_peak_bytes(),
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def compare(args) -> dict:
+    """Both paths in fresh processes (so each peak is its own), side by side."""
+    import subprocess
+    import sys
+    import tempfile
+
+    results = {}
+    for path in ("previous", "bucketed"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            argv, skip = [], False
+            for a in sys.argv[1:]:
+                if not skip and a != "--compare" and not a.startswith("--json"):
+                    argv.append(a)
+                skip = a == "--json"
+            subprocess.run([sys.executable, __file__, *argv, "--path", path, "--json", out.name], check=True,
+                           stdout=subprocess.DEVNULL)
+            with open(out.name) as f:
+                results[path] = json.load(f)
+    lengths = rl_lengths(args.rows, args.response)
+    print(f"RL workload: {args.rows} rows, prompt {args.prompt}, responses up to {args.response} "
+          f"(median {int(np.median(lengths))}, mean {lengths.mean():.0f}, {int((lengths == args.response).sum())} "
+          f"at the cap), {args.size} model, LoRA r{args.rank}, {args.dtype}")
+    rows = [("seconds per update", "update_s"), ("first update (compiles), s", "first_update_s"),
+            ("programs compiled", "programs_compiled"), ("token slots computed", "token_slots"),
+            ("process peak memory, MB", "process_peak_rss_bytes"),
+            ("largest program's XLA temporaries, MB", "largest_program_temp_bytes"),
+            ("device peak memory, MB", "device_peak_bytes")]
+    print(f"| | previous | bucketed | previous / bucketed |\n|---|---|---|---|")
+    for label, key in rows:
+        a, b = results["previous"][key], results["bucketed"][key]
+        if a is None or b is None:
+            continue
+        scale = 1e6 if key.endswith("bytes") else 1
+        print(f"| {label} | {a / scale:,.4g} | {b / scale:,.4g} | {a / b:.2f}x |")
+    print(f"real tokens: {results['bucketed']['real_tokens']:,}; bucketed micro-batch shapes (rows, response "
+          f"width): {results['bucketed']['micro_batch_shapes']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
 def forward_flops(text: TextConfig, rows: int, length: int, response: int) -> float:
     """Model FLOPs of one forward over rows x length tokens with logits on the response positions only."""
     d, hd = text.hidden_size, text.head_dim
@@ -124,9 +247,21 @@ def main():
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--compile-only", action="store_true",
                         help="no weights: compile the train step from shapes and print XLA's memory estimate")
+    parser.add_argument("--compare", action="store_true",
+                        help="the RL workload through the previous and the bucketed update paths, side by side")
+    parser.add_argument("--path", choices=["previous", "bucketed"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=8192, help="micro_batch_tokens of the bucketed path")
     args = parser.parse_args()
     if args.compile_only:
         return compile_only(args)
+    if args.compare:
+        return compare(args)
+    if args.path:
+        result = run_path(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f)
+        return print(json.dumps(result))
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     start = time.perf_counter()

@@ -24,6 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     # Multi-host: a process that stops answering the coordination service this long makes all the others exit.
     c.heartbeat_timeout_s = 100
+    # Compiled programs are kept here and reused by later runs and resumes (a shared disk serves every host of a
+    # pod); "" turns the cache off.
+    c.compilation_cache_dir = "~/.cache/speciarl_jax/xla"
+    c.compile_warmup_steps = 3  # a step after these that compiles a new program logs a warning
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
@@ -73,7 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.01,
         max_grad_norm=1.0,
         mini_batch_size=1280,  # rollout rows per optimizer step: 128 prompts x 10, two steps per batch
-        micro_batch_size=0,  # 0: the whole mini-batch in one pass
+        micro_batch_size=0,  # 0: no cap on the rows of a micro-batch beyond micro_batch_tokens
+        # Tokens per device in one forward/backward: rows are grouped by response length and each micro-batch is
+        # cut to its own width, so the update's cost follows the real tokens. 0: the previous path (every
+        # micro-batch spans prompt + max_new_tokens columns, micro_batch_size rows or the whole mini-batch).
+        micro_batch_tokens=16384,
         max_response_len=0,  # 0: the batch's response width (T_max of seq-mean-token-sum-norm)
         remat=True,
     ))

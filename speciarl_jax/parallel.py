@@ -80,6 +80,16 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
     return named_sharding(("batch",) + (None,) * (ndim - 1), (0,) * ndim, mesh, rules)
 
 
+def batch_shards(mesh: Mesh | None, rules=None) -> int:
+    """How many parts the rows of a batch are split into on this mesh (1 without one)."""
+    if mesh is None:
+        return 1
+    rules = DEFAULT_RULES if rules is None else rules
+    axes = rules["batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
 def variable_axes(variable) -> tuple | None:
     """The logical axis names stored on an nnx Variable (or None).
 

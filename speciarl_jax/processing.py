@@ -55,6 +55,14 @@ class Processor:
         return cls(tokenizer, image_processor, image_size=image_size)
 
     @property
+    def max_patches_per_image(self) -> int:
+        """The most vision patches one image can become (its fixed size, or the processor's max_pixels)."""
+        patch = int(self.image_processor.patch_size)
+        if self.image_size is not None:
+            return (self.image_size[0] // patch) * (self.image_size[1] // patch)
+        return int(self.image_processor.size["longest_edge"]) // (patch * patch)
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         ids = [self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
         return tuple(i for i in ids if i is not None and i != self.tokenizer.unk_token_id)

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from . import multihost, parallel
+from . import buckets, compilation, multihost, parallel
 from .checkpoint import Checkpointer
 from .data.config import pipeline_from_config
 from .metric_writers import MetricWriter, summary_line
@@ -44,14 +44,15 @@ from .processing import Processor
 from .rewards import (best_prediction_rewards, inject_label_noise, parse_answer, static_rewards)
 from .rl import dapo
 from .rl.advantages import group_advantages
-from .rl.batch import make_rollout_batch, prompt_image_offsets
+from .rl.batch import make_rollout_batch, prompt_image_offsets, table_rows
 from .rl.update import Learner, RLConfig, preset
 from .sampling import Sampler
 from .stopping import StopFlags, TrainingInterrupted
 from .verifier import Taxonomy, VerifierError, make_verifier
 
 # RLConfig fields where the config's 0 stands for None (ml_collections cannot type a None default).
-_ZERO_IS_NONE = ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "total_steps")
+_ZERO_IS_NONE = ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "total_steps",
+                 "micro_batch_tokens")
 
 
 # ---- building blocks from the config ----
@@ -213,6 +214,9 @@ class Trainer:
     def __init__(self, config, devices=None):
         validate(config, jax.process_count())
         self.config = config
+        compilation.enable_persistent_cache(config.get("compilation_cache_dir", ""))
+        self.compiles = compilation.CompileCounter()
+        self.high_water = buckets.HighWater()
         self.run_dir = run_dir_of(config)
         os.makedirs(self.run_dir, exist_ok=True)
         multihost.check_shared_folder(self.run_dir)
@@ -235,6 +239,7 @@ class Trainer:
         self.sft_done = not config.sft.enabled or os.path.exists(os.path.join(self.sft_dir, "config.json"))
         self.build_policy(self.sft_dir if config.sft.enabled and self.sft_done else self.model_dir)
         self.sampler = Sampler(prompt_bucket=config.rollout.prompt_bucket, mesh=self.mesh)
+        self.sampler.expect_images(self.processor.max_patches_per_image)
         self.verifier = build_verifier(config)
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=config.keep_checkpoints,
                                          async_save=config.async_checkpoints)
@@ -351,8 +356,13 @@ class Trainer:
                         list(categories), np.asarray(rewards, np.float32), group_ids)
 
     def next_prompts(self):
-        """The next global batch of prompts (gathered from every process's share)."""
-        return multihost.gather_batch(next(self.data_iter), self.processor.pad_token_id)
+        """The next global batch of prompts (gathered from every process's share), left-padded to the widest
+        prompt batch so far, so the sampler's and the update's programs keep their shapes (see `buckets`)."""
+        batch = multihost.gather_batch(next(self.data_iter), self.processor.pad_token_id)
+        extra = self.high_water("prompt", batch.input_ids.shape[1]) - batch.input_ids.shape[1]
+        left = ((0, 0), (extra, 0))
+        return dataclasses.replace(batch, attention_mask=np.pad(batch.attention_mask, left),
+                                   input_ids=np.pad(batch.input_ids, left, constant_values=self.processor.pad_token_id))
 
     def collect(self, rng, timings) -> tuple[list[Rollouts], dict]:
         """Rollouts for one update: one generation batch, or with dynamic sampling as many as it takes to
@@ -395,7 +405,7 @@ class Trainer:
         timings = collections.defaultdict(float)
         rng = jax.random.fold_in(self.rng, self.step)
         pieces, extra = self.collect(rng, timings)
-        rollouts = merge_rollouts(pieces, self.processor.pad_token_id)
+        rollouts = merge_rollouts(pieces, self.processor.pad_token_id, self.model.config.image_token_id)
         update_metrics = self.update(rollouts, timings)
         categories, rewards, lengths = rollouts.categories, rollouts.rewards, rollouts.lengths
         metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -404,6 +414,12 @@ class Trainer:
         metrics.update({f"verifier/{k}": v for k, v in self.verifier.last_stats.as_metrics().items()})
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["tokens_per_s"] = float(lengths.sum()) / max(timings["generate"], 1e-9)
+        compiled = self.compiles.take()
+        metrics.update({"compile/count": compiled["count"], "compile/seconds": compiled["seconds"]})
+        if compiled["count"] and self.step + 1 > self.config.get("compile_warmup_steps", 3):
+            logging.warning("step %d compiled %d new program(s) in %.1f s: a shape fell outside the buckets seen so "
+                            "far (at 7B each compile takes minutes)", self.step + 1, compiled["count"],
+                            compiled["seconds"])
         return metrics
 
     # ---- evaluation ----
@@ -464,6 +480,7 @@ class Trainer:
         if before:
             self.writer.write(self.step, before)
         last = {}
+        self.compiles.take()  # the first step's count starts here (loading and evaluation compile their own)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="rl", disable=not self.is_main, dynamic_ncols=True)
         while self.step < self.total_steps:
             try:
@@ -500,9 +517,9 @@ class Trainer:
         return {"train": last, "eval_before": before, "eval_after": after}
 
 
-def merge_rollouts(pieces: list[Rollouts], pad_token_id: int) -> Rollouts:
+def merge_rollouts(pieces: list[Rollouts], pad_token_id: int, image_token_id: int) -> Rollouts:
     """One batch from several generation batches (dynamic sampling): prompts re-padded on the left to the
-    widest, groups renumbered in order."""
+    widest, groups renumbered in order, image tables joined (one bucketed table)."""
     if len(pieces) == 1:
         return pieces[0]
     width = max(p.prompts.input_ids.shape[1] for p in pieces)
@@ -519,8 +536,11 @@ def merge_rollouts(pieces: list[Rollouts], pad_token_id: int) -> Rollouts:
         valid=np.concatenate([p.prompts.valid for p in pieces]),
     )
     features = None
-    if pieces[0].image_features is not None:
-        features = jax.numpy.concatenate([p.image_features for p in pieces])
+    if pieces[0].image_features is not None:  # each table's image rows, in order, without their padding
+        starts = np.cumsum([0] + [len(p.image_features) for p in pieces[:-1]])
+        used = [image_token_count(p.prompts.input_ids, image_token_id) for p in pieces]
+        features = table_rows([p.image_features for p in pieces],
+                              np.concatenate([s + np.arange(n) for s, n in zip(starts, used)]))
     offsets = np.cumsum([0] + [len(p.prompts.labels) for p in pieces[:-1]])
     return Rollouts(
         prompts,
@@ -535,14 +555,19 @@ def merge_rollouts(pieces: list[Rollouts], pad_token_id: int) -> Rollouts:
     )
 
 
+def image_token_count(input_ids, image_token_id: int) -> int:
+    return int((np.asarray(input_ids) == image_token_id).sum())
+
+
 def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_token_id: int) -> Rollouts:
     """The rollouts of the chosen prompt groups (DAPO's dynamic sampling), renumbered from 0."""
     rows = np.concatenate([np.arange(g * num_samples, (g + 1) * num_samples) for g in groups])
     prompts = batch.prompts.select(groups)
     features = None
     if batch.image_features is not None:
-        starts = np.append(prompt_image_offsets(batch.prompts.input_ids, image_token_id), len(batch.image_features))
-        features = jax.numpy.concatenate([batch.image_features[starts[g]:starts[g + 1]] for g in groups])
+        starts = prompt_image_offsets(batch.prompts.input_ids, image_token_id)
+        counts = (np.asarray(batch.prompts.input_ids) == image_token_id).sum(1)
+        features = table_rows(batch.image_features, np.concatenate([starts[g] + np.arange(counts[g]) for g in groups]))
     return Rollouts(prompts, batch.tokens[rows], batch.response_mask[rows], batch.lengths[rows], features,
                     [batch.texts[r] for r in rows], [batch.categories[r] for r in rows], batch.rewards[rows],
                     np.repeat(np.arange(len(groups)), num_samples))

@@ -206,4 +206,6 @@ def test_image_features_are_returned_once_per_prompt_image(model, prompts):
     out = generate(model, prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"],
                    prompts["image_grid_thw"], max_new_tokens=2, num_samples=3, temperature=0.0)
     expected = np.asarray(model.encode_images(prompts["pixel_values"], prompts["image_grid_thw"]))
-    np.testing.assert_allclose(np.asarray(out.image_features), expected, atol=1e-6)
+    # The table's first rows are the images' tokens in order; the rest pads it to a bucket.
+    assert out.image_features.shape[0] >= 256 and out.image_features.shape[0] % 64 == 0
+    np.testing.assert_allclose(np.asarray(out.image_features)[:len(expected)], expected, atol=1e-6)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import struct
 
+from .. import buckets
 from ..models.qwen2_5_vl.rope import get_position_ids
 
 
@@ -145,10 +146,24 @@ def to_device(batch: RolloutBatch, sharding_for=None) -> RolloutBatch:
     image table). Without it, arrays go to the default device."""
     def put(value, axis):
         if sharding_for is None:
-            return jax.numpy.asarray(value)
+            return jax.device_put(value)  # a plain transfer (jnp.asarray compiles a program per shape)
         return jax.device_put(value, sharding_for(value, axis))
 
     moved = batch.rows(put)
     if batch.image_features is not None:
         moved = moved.replace(image_features=put(batch.image_features, None))
     return moved
+
+
+@jax.jit
+def _gather_rows(tables, index):
+    return jax.numpy.concatenate(tables)[index]
+
+
+def table_rows(tables, rows, minimum: int = 256):
+    """Rows `rows` of the tables (image-feature tables, on the devices) stacked in order, as one table padded
+    to a power of two of rows (at least `minimum`), so the programs that build and read it keep a few shapes."""
+    tables = tuple(tables) if isinstance(tables, (list, tuple)) else (tables,)
+    index = np.zeros(buckets.power_of_two(max(len(rows), minimum)), np.int32)
+    index[:len(rows)] = rows
+    return _gather_rows(tables, jax.device_put(index))

@@ -18,7 +18,7 @@ LOW_VAR_KL_BOUND = 10.0
 def _check_mode(mode: str, max_len) -> None:
     if mode not in AGGREGATION_MODES:
         raise ValueError(f"Unknown loss aggregation mode {mode!r}; choose one of {AGGREGATION_MODES}.")
-    if mode == "seq-mean-token-sum-norm" and (max_len is None or max_len <= 0):
+    if mode == "seq-mean-token-sum-norm" and (max_len is None or (isinstance(max_len, (int, float)) and max_len <= 0)):
         raise ValueError("Aggregation 'seq-mean-token-sum-norm' needs max_len (the configured maximum response length)")
 
 
@@ -61,7 +61,7 @@ def aggregation_share(mask, total_tokens, total_rows, num_parts, mode: str):
     if mode == "token-mean":
         return mask.sum() / jnp.maximum(total_tokens, 1.0)
     if mode == "seq-mean-token-sum-norm":
-        return jnp.float32(1.0 / num_parts)
+        return 1.0 / jnp.asarray(num_parts, jnp.float32)
     rows = (mask.sum(axis=-1) > 0).sum().astype(jnp.float32)
     return rows / jnp.maximum(total_rows, 1.0)
 

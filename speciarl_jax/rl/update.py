@@ -32,7 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import parallel
 from ..models import lora
-from . import losses
+from .. import buckets
+from . import losses, micro_batches
 from .batch import RolloutBatch, check_batch, to_device
 from .logprobs import response_logprobs
 
@@ -80,6 +81,10 @@ class RLConfig:
     # compute
     logprob_chunk: int = 512
     remat: bool = True
+    # Tokens (rows x columns) one device runs in one forward/backward. Set: rows are grouped by response length
+    # into micro-batches cut to their own width (`micro_batches`), micro_batch_size only caps their rows, and the
+    # update's cost follows the real tokens. None: every micro-batch spans the batch's full width, as one program.
+    micro_batch_tokens: int | None = None
 
     def __post_init__(self):
         losses._check_mode(self.loss_agg_mode, self.max_response_len or 1)
@@ -95,7 +100,7 @@ class RLConfig:
             raise ValueError(f"RLConfig.lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}.")
         if self.lr_schedule != "constant" and not self.total_steps:
             raise ValueError(f"RLConfig.lr_schedule={self.lr_schedule!r} decays to 0 at total_steps; set total_steps.")
-        for key in ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer"):
+        for key in ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "micro_batch_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"RLConfig.{key} must be >= 1 or None, got {value}.")
@@ -177,7 +182,8 @@ def micro_batch_loss(model, batch: RolloutBatch, config: RLConfig, totals: dict,
     """
     logp, entropy = response_logprobs(model, batch, config.logprob_chunk)
     mask = batch.response_mask.astype(jnp.float32)
-    mode, max_len = config.loss_agg_mode, config.max_response_len or mask.shape[1]
+    # T_max: configured, or the whole batch's response width (a micro-batch cut narrower passes it in totals).
+    mode, max_len = config.loss_agg_mode, config.max_response_len or totals.get("max_len", mask.shape[1])
     share = losses.aggregation_share(mask, totals["tokens"], totals["rows"], num_micro, mode)
     token_share = mask.sum() / jnp.maximum(totals["tokens"], 1.0)
 
@@ -333,6 +339,51 @@ def make_logprob_step(graphdef, config: RLConfig, mesh=None):
     return logprob_step
 
 
+def make_accumulate_step(graphdef, config: RLConfig):
+    """A pure function (acc, params, frozen, micro_batch, totals) -> acc + (gradients, metrics) of the micro-batch.
+
+    The bucketed update (`RLConfig.micro_batch_tokens`) runs it once per micro-batch, each cut to its own width
+    (one program per width bucket), then `make_apply_step` once per optimizer step. `totals` holds the
+    mini-batch's `tokens`, `rows`, `num_micro` and `max_len` (its full response width) as scalars.
+    """
+
+    def accumulate(acc, params, frozen, batch: RolloutBatch, totals):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, frozen, copy=True)
+            return micro_batch_loss(model, batch, config, totals, totals["num_micro"])
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.tree.map(jnp.add, acc, (grads, metrics))
+
+    return accumulate
+
+
+def make_apply_step(tx: optax.GradientTransformation):
+    """A pure function (state, (gradients, metrics)) -> (new state, metrics with grad_norm): one optimizer step."""
+
+    def apply(state: TrainState, acc):
+        grads, metrics = acc
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), dict(
+            metrics, grad_norm=optax.tree.norm(grads))
+
+    return apply
+
+
+def make_rows_logprobs(graphdef, config: RLConfig):
+    """A pure function (params, frozen, micro_batch, use_adapters) -> [rows, R] log-probabilities, in one pass."""
+
+    def logprobs(params, frozen, batch: RolloutBatch, use_adapters: bool = True):
+        model = nnx.merge(graphdef, params, frozen, copy=True)
+        if use_adapters:
+            return response_logprobs(model, batch, config.logprob_chunk)[0]
+        with lora.adapters_disabled(model):
+            return response_logprobs(model, batch, config.logprob_chunk)[0]
+
+    return logprobs
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The stateful wrapper the trainer uses
 
@@ -355,6 +406,7 @@ class Learner:
     def __init__(self, model, config: RLConfig, *, trainable=None, mesh=None, compiler_options=None):
         self.config = config
         self.mesh = mesh
+        self.high_water = buckets.HighWater()
         adapted = [name for name, _ in lora.lora_layers(model)]
         self.has_adapters = bool(adapted)
         in_vision = [name for name in adapted if name.startswith("visual.")]
@@ -399,6 +451,20 @@ class Learner:
         )
         self._logprob_step = jax.jit(make_logprob_step(self.graphdef, config, mesh), static_argnums=(3,),
                                      compiler_options=compiler_options)
+        # The bucketed path: one program per micro-batch shape, gradients accumulated in place.
+        replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        acc_shardings = None if mesh is None else (
+            state_shardings.params, {k: replicated for k in metric_names(config)})
+        self._zero_acc = jax.jit(
+            lambda params: (jax.tree.map(jnp.zeros_like, params), {k: jnp.float32(0) for k in metric_names(config)}),
+            out_shardings=acc_shardings)
+        self._accumulate = jax.jit(make_accumulate_step(self.graphdef, config), donate_argnums=(0,),
+                                   out_shardings=acc_shardings, compiler_options=compiler_options)
+        self._apply = jax.jit(make_apply_step(self.tx), donate_argnums=(0,),
+                              out_shardings=(state_shardings, None) if mesh is not None else None,
+                              compiler_options=compiler_options)
+        self._rows_logprobs = jax.jit(make_rows_logprobs(self.graphdef, config), static_argnums=(3,),
+                                      compiler_options=compiler_options)
 
     # -- pure functions, for callers that keep their own state --
     @property
@@ -411,9 +477,10 @@ class Learner:
         """jitted (params, frozen, batch, use_adapters) -> [B, R] log-probabilities."""
         return self._logprob_step
 
-    def place(self, batch: RolloutBatch) -> RolloutBatch:
+    def place(self, batch: RolloutBatch, check: bool = True) -> RolloutBatch:
         """Check shapes and move a host batch onto the devices, rows split over the mesh's batch axes."""
-        check_batch(batch)
+        if check:
+            check_batch(batch)
         if self.mesh is None:
             return to_device(batch)
 
@@ -440,6 +507,8 @@ class Learner:
         """One update on a rollout batch: fills in old (and reference) log-probabilities if missing, runs the
         optimizer steps, writes the new weights into the model. Returns metrics averaged over the optimizer
         steps (`tokens` summed, `optimizer_steps` counted, `learning_rate` of the last step)."""
+        if self.config.micro_batch_tokens:
+            return self._bucketed_step(batch)
         batch = self.place(batch)
         if batch.old_logprobs is None:
             batch = batch.replace(old_logprobs=self.rollout_logprobs(batch))
@@ -449,6 +518,105 @@ class Learner:
         self.state, metrics = self._train_step(self.state, self.frozen, batch)
         nnx.update(self.model, self.state.params)
         out = {k: float(np.sum(v)) if k == "tokens" else float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+        out["optimizer_steps"] = int(self.state.step) - steps_before
+        out["learning_rate"] = float(learning_rate_schedule(self.config)(int(self.state.step) - 1))
+        return out
+
+    # -- the bucketed path (RLConfig.micro_batch_tokens) --
+
+    def plan(self, response_lengths, prompt_columns: int, response_columns: int):
+        """The micro-batches of these rows (see `micro_batches.plan`), with this learner's budget and mesh."""
+        return micro_batches.plan(response_lengths, prompt_columns, response_columns,
+                                  token_budget=self.config.micro_batch_tokens, shards=parallel.batch_shards(self.mesh),
+                                  max_rows=self.config.micro_batch_size)
+
+    def _piece(self, host: RolloutBatch, rows: np.ndarray, micro: micro_batches.MicroBatch, table) -> RolloutBatch:
+        """Rows `rows[micro.rows]` of a host batch cut to the micro-batch's width, on the devices."""
+        index = rows[micro.rows]
+        width = micro.response_width
+        keep = host.input_ids.shape[1] - host.response_len + width
+        real = (np.arange(len(index)) < micro.real)[:, None]
+
+        def cut(value, axis):
+            value = np.take(value, index, axis=axis)
+            if value.ndim == 1:
+                return value
+            if axis == 1:  # position_ids [3, rows, T]
+                return value[:, :, :keep]
+            columns = keep if value.shape[1] == host.input_ids.shape[1] else width
+            return value[:, :columns]
+
+        piece = host.replace(image_features=None).rows(cut)
+        piece = piece.replace(response_mask=piece.response_mask * real)  # padding rows count nowhere
+        return self.place(piece, check=False).replace(image_features=table)  # the whole batch was checked
+
+    def _image_table(self, table):
+        """The batch's image-feature table, rows padded to a bucket, placed once for all micro-batches (replicated)."""
+        if table is None:
+            return None
+        rows = self.high_water("image_tokens", buckets.power_of_two(max(table.shape[0], 64)))
+        if rows != table.shape[0]:  # a table the sampler gave is bucketed already; others are padded here
+            table = np.asarray(table)
+            table = np.pad(table, ((0, rows - table.shape[0]), (0, 0)))
+        return jax.device_put(table, None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()))
+
+    def _bucketed_logprobs(self, host: RolloutBatch, table, params, use_adapters: bool) -> np.ndarray:
+        rows = np.arange(host.num_rows)
+        prompt_columns = host.input_ids.shape[1] - host.response_len
+        out = np.zeros(np.shape(host.response_mask), np.float32)
+        for micro in self.plan(np.asarray(host.response_mask).sum(1), prompt_columns, host.response_len):
+            logp = self._rows_logprobs(params, self.frozen, self._piece(host, rows, micro, table), use_adapters)
+            out[micro.rows[:micro.real], :micro.response_width] = parallel.to_host(logp)[:micro.real]
+        return out
+
+    def _bucketed_step(self, batch: RolloutBatch) -> dict[str, float]:
+        check_batch(batch)
+        table = self._image_table(batch.image_features)
+        host = jax.tree.map(parallel.to_host, batch.replace(image_features=None))
+        if host.old_logprobs is None:
+            host = host.replace(old_logprobs=self._bucketed_logprobs(host, table, self.state.params, True))
+        if self.config.uses_kl and host.ref_logprobs is None:
+            if self.uses_adapter_reference:
+                ref = self._bucketed_logprobs(host, table, self.state.params, False)
+            elif self.reference is not None:
+                ref = self._bucketed_logprobs(host, table, self.reference, True)
+            else:
+                raise ValueError("No reference policy: full fine-tuning keeps one only when kl_coef > 0.")
+            host = host.replace(ref_logprobs=ref)
+
+        rows = host.num_rows
+        mini = self.config.mini_batch_size or rows
+        if rows % mini:
+            raise ValueError(f"The batch has {rows} rows, not a multiple of RLConfig.mini_batch_size={mini}.")
+        num_mini = rows // mini
+        prompt_columns = host.input_ids.shape[1] - host.response_len
+        lengths = np.asarray(host.response_mask).sum(1)
+        steps_before = int(self.state.step)
+        all_metrics = []
+        for epoch in range(self.config.ppo_epochs):
+            order = np.arange(rows)
+            if self.config.shuffle:
+                order = np.random.default_rng([self.config.seed, steps_before, epoch]).permutation(rows)
+            for k in range(num_mini):
+                members = order[k * mini:(k + 1) * mini]
+                plan = self.plan(lengths[members], prompt_columns, host.response_len)
+                mask = np.asarray(host.response_mask)[members]
+                # seq-mean-token-sum-norm averages over micro-batches; its scale stays that of micro-batches of
+                # micro_batch_size rows, whatever the length grouping made of them.
+                num_micro = mini // min(self.config.micro_batch_size or mini, mini)
+                totals = {"tokens": np.float32(mask.sum()), "rows": np.float32((mask.sum(-1) > 0).sum()),
+                          "num_micro": np.float32(num_micro), "max_len": np.float32(host.response_len)}
+                acc = self._zero_acc(self.state.params)
+                for micro in plan:
+                    acc = self._accumulate(acc, self.state.params, self.frozen,
+                                           self._piece(host, members, micro, table), totals)
+                self.state, metrics = self._apply(self.state, acc)
+                metrics["tokens"] = totals["tokens"]
+                all_metrics.append(metrics)
+        nnx.update(self.model, self.state.params)
+        metrics = jax.device_get(all_metrics)
+        out = {k: float(np.sum([m[k] for m in metrics])) if k == "tokens" else float(np.mean([m[k] for m in metrics]))
+               for k in metrics[0]}
         out["optimizer_steps"] = int(self.state.step) - steps_before
         out["learning_rate"] = float(learning_rate_schedule(self.config)(int(self.state.step) - 1))
         return out

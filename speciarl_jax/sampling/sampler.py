@@ -1,13 +1,13 @@
 """Batched multimodal generation with a KV cache.
 
 One call runs three kinds of compiled programs:
-  1. the vision tower, once per prompt image (images sharing a patch grid are encoded together);
+  1. the vision tower, once per prompt image (all images of a call packed into bins of patches, one program);
   2. the prefill, once per prompt (not per sample): its KV cache and last logits are then repeated
      for the n samples of that prompt;
   3. the decode loop, a single `lax.while_loop` that samples a token for every row, feeds it back through
      the cache (updated in place) and stops when every row has produced an end token or the length budget is spent.
-Shapes are rounded up to buckets (prompt length, cache length, rows, image tokens) so a training run compiles a
-small, bounded set of programs; each program is traced once and `Sampler.compilations` counts the traces.
+Shapes are rounded up to buckets (prompt length, cache length, rows, image tokens, vision bins) so a training run
+compiles a small, bounded set of programs; each program is traced once and `Sampler.compilations` counts the traces.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .. import parallel
+from .. import buckets, parallel
 from ..models.qwen2_5_vl.rope import get_position_ids
-from ..models.qwen2_5_vl.vision import encode_by_grid
+from ..models.qwen2_5_vl.vision import pack_images
 from .distributions import SamplingParams, choose_tokens
 
 
@@ -35,8 +35,10 @@ class SampleOutput:
     policy_logprobs [N, L]: log-probability under the raw policy (temperature 1, no filtering).
     lengths [N]: number of generated tokens, the end token included.
     response_mask [N, L]: 1 on the generated tokens, the end token included.
-    image_features [num_image_tokens, D]: the vision tower's output for the prompts' images, in order
-      (None without images); the update reuses it instead of running the frozen tower again.
+    image_features [T, D]: the vision tower's output for the prompts' images, in order, in its first
+      num_image_tokens rows; T is that count rounded up to a bucket (so programs that read the table keep their
+      shapes), the rest is padding. None without images. The update reuses it instead of running the frozen
+      tower again.
     """
 
     tokens: np.ndarray
@@ -47,14 +49,6 @@ class SampleOutput:
     image_features: jax.Array | None = None
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return max(multiple, -(-value // multiple) * multiple)
-
-
-def _next_power_of_two(value: int) -> int:
-    return 1 << max(0, (value - 1).bit_length())
-
-
 class Sampler:
     """Compiled-program cache around a model. Reuse one Sampler across steps; pass the current weights each call.
 
@@ -63,27 +57,35 @@ class Sampler:
         columns cost a full forward each; a new bucket compiles only a new prefill).
       cache_bucket: the KV cache holds round_up(prompt, cache_bucket) + max_new_tokens slots; the decode loop is
         compiled once per cache length (the prompt length inside it is a runtime value).
-      image_token_bucket: the image-feature table is padded up to a multiple of this many rows.
+      image_token_bucket: the smallest image-feature table; larger ones are powers of two. The table, the prompt
+        width and the vision tower's bins never shrink below the largest seen (`buckets.HighWater`).
+      vision_bins_at_once: how many bins of patches go through the vision tower together (bounds its memory).
       mesh: if given, rows are sharded over its batch axes (`data`, `fsdp`).
     """
 
-    def __init__(self, *, prompt_bucket: int = 8, cache_bucket: int = 32, image_token_bucket: int = 256, mesh=None):
+    def __init__(self, *, prompt_bucket: int = 8, cache_bucket: int = 32, image_token_bucket: int = 256,
+                 vision_bins_at_once: int = 8, mesh=None):
         self.prompt_bucket = prompt_bucket
         self.cache_bucket = cache_bucket
         self.image_token_bucket = image_token_bucket
+        self.vision_bins_at_once = vision_bins_at_once
+        self.high_water = buckets.HighWater()  # sizes that follow the data never shrink back (see buckets)
         self.mesh = mesh
         self.compilations = 0
-        self._encode = jax.jit(self._encode_impl, static_argnums=(0, 3))
+        self._encode = jax.jit(self._encode_impl, static_argnums=(0,), donate_argnums=(2,))
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(0, 6, 7))
         # The prefill's cache is handed over to the loop, which updates it in place.
         self._decode = jax.jit(self._decode_impl, static_argnums=(0, 9, 10, 11), donate_argnums=(2,))
 
     # ---- compiled pieces (graphdef and shapes are static; `self.compilations` counts traces) ----
 
-    def _encode_impl(self, graphdef, state, pixels, grid):
+    def _encode_impl(self, graphdef, state, table, pixels, window, frame, angles, rows):
+        """Encode one group of bins and write their image tokens into table rows `rows` (the rest is dropped)."""
         self.compilations += 1
         model = nnx.merge(graphdef, state)
-        return model.visual.encode_same_grid(pixels, grid)
+        merged_units = jnp.arange(rows.shape[0])
+        features = model.visual.encode_packed(pixels, window, frame, angles, merged_units)
+        return table.at[rows].set(features.astype(table.dtype), mode="drop")
 
     def _prefill_impl(self, graphdef, state, input_ids, slots, positions, features, cache_length, num_samples):
         """The prompts' forward into a fresh cache of `cache_length` slots; cache and last logits repeated
@@ -184,7 +186,7 @@ class Sampler:
 
         # Buckets: pad rows (all-padding prompts) and left-pad columns.
         shards = self._batch_shards()
-        rows = _round_up(_next_power_of_two(batch), shards)
+        rows = buckets.round_up(buckets.power_of_two(batch), shards)
         length, cache_length = self.cache_slots(input_ids.shape[1], max_new_tokens)
         pad_rows, pad_cols = rows - batch, length - input_ids.shape[1]
         ids = np.pad(input_ids, ((0, pad_rows), (pad_cols, 0)), constant_values=pad_id)
@@ -192,19 +194,19 @@ class Sampler:
         positions = np.pad(positions, ((0, 0), (0, pad_rows), (pad_cols, 0)))
         next_position = np.pad(real + deltas, (0, pad_rows)).astype(np.int32)
 
-        features = image_features = None
+        image_features = None
         if pixel_values is not None:
-            image_features = self._image_features(graphdef, state, pixel_values, image_grid_thw)
-            features = self._pad_rows(image_features, self.image_token_bucket)
+            image_features = self._image_features(graphdef, state, config.vision, model.dtype, pixel_values,
+                                                  image_grid_thw)
         slots = np.concatenate([mask, np.zeros((rows, cache_length - length), np.int32)], axis=1)
         # Every sample of a prompt starts from that prompt's cache (repeated inside the prefill program).
         cache, last_logits = self._prefill(graphdef, state, *self._shard(ids, slots, positions, axis=(0, 0, 1)),
-                                           features, cache_length, num_samples)
+                                           image_features, cache_length, num_samples)
         slots, next_position = np.repeat(slots, num_samples, 0), np.repeat(next_position, num_samples, 0)
         slots, next_position = self._shard(slots, next_position, axis=(0, 0))
         tokens, logprobs, policy_logprobs, lengths, _ = self._decode(
             graphdef, state, cache, slots, last_logits, next_position, jnp.int32(length), rng,
-            jnp.asarray(eos, jnp.int32), max_new_tokens, params, pad_id,
+            jax.device_put(np.asarray(eos, np.int32)), max_new_tokens, params, pad_id,
         )
         keep = batch * num_samples
         lengths = parallel.to_host(lengths)[:keep]
@@ -217,25 +219,52 @@ class Sampler:
             image_features=image_features,
         )
 
+    def expect_images(self, max_patches: int, largest_bin: int = 4096) -> None:
+        """Size the vision tower's bins for the largest image the data can hold (`Processor.max_patches_per_image`)
+        from the start, so a large image late in a run compiles nothing new. Bins longer than `largest_bin`
+        patches are left to grow when such an image comes (a bin's attention costs L^2)."""
+        size = buckets.power_of_two(max_patches)
+        if size <= largest_bin:
+            self.high_water("vision_bin", size)
+
     def cache_slots(self, prompt_length: int, max_new_tokens: int) -> tuple[int, int]:
         """(prompt slots, cache slots) for prompts of this length: the prompts are left-padded to the prompt bucket,
         and the cache holds that rounded up to the cache bucket, plus the new tokens."""
-        length = _round_up(prompt_length, self.prompt_bucket)
-        return length, _round_up(length, self.cache_bucket) + max_new_tokens
+        length = self.high_water("prompt", buckets.round_up(prompt_length, self.prompt_bucket))
+        return length, buckets.round_up(length, self.cache_bucket) + max_new_tokens
 
     def image_features(self, model, pixel_values, image_grid_thw):
-        """The vision tower's output [num_image_tokens, D] for these images, with this sampler's compiled programs."""
+        """The vision tower's output for these images, with this sampler's compiled programs: [T, D], the first
+        num_image_tokens rows in image order, then padding up to the bucket T."""
         graphdef, state = nnx.split(model)
-        return self._image_features(graphdef, state, pixel_values, image_grid_thw)
+        return self._image_features(graphdef, state, model.config.vision, model.dtype, pixel_values,
+                                    image_grid_thw)
 
-    def _image_features(self, graphdef, state, pixel_values, image_grid_thw):
-        encode = lambda pixels, grid: self._encode(graphdef, state, pixels, grid)  # noqa: E731
-        return encode_by_grid(np.asarray(pixel_values, np.float32), image_grid_thw, encode)
-
-    @staticmethod
-    def _pad_rows(features, bucket: int):
-        rows = _round_up(features.shape[0], bucket)
-        return jnp.pad(features, ((0, rows - features.shape[0]), (0, 0)))
+    def _image_features(self, graphdef, state, config, dtype, pixel_values, image_grid_thw):
+        # Bins of L patches (L only grows), encoded `vision_bins_at_once` at a time by one program that writes each
+        # image token into its row of the table: the programs' shapes do not depend on how many images come.
+        table_rows = lambda n: self.high_water("image_tokens", buckets.power_of_two(max(n, self.image_token_bucket)))  # noqa: E731
+        packing = pack_images(image_grid_thw, config, token_bucket=table_rows,
+                              min_length=self.high_water.marks.get("vision_bin", 64),
+                              bins_multiple=self.vision_bins_at_once)
+        bins, length = packing.shape
+        self.high_water("vision_bin", length)
+        unit = config.spatial_merge_size**2
+        if packing.num_tokens * unit != len(pixel_values):
+            raise ValueError(f"pixel_values has {len(pixel_values)} patches but image_grid_thw describes "
+                             f"{packing.num_tokens * unit}.")
+        table_size = len(packing.tokens)
+        rows = np.full(bins * length // unit, table_size, np.int32)  # merged unit -> table row (past the end: none)
+        rows[packing.tokens[:packing.num_tokens]] = np.arange(packing.num_tokens)
+        pixels = packing.pixels(pixel_values)
+        table = jax.device_put(np.zeros((table_size, config.out_hidden_size), dtype))
+        group, units = self.vision_bins_at_once, self.vision_bins_at_once * length // unit
+        for first in range(0, bins, group):
+            part = slice(first, first + group)
+            table = self._encode(graphdef, state, table, *(jax.device_put(a) for a in (
+                pixels[part], packing.window[part], packing.frame[part], packing.angles[part],
+                rows[first * length // unit: first * length // unit + units])))
+        return table
 
     def _batch_shards(self) -> int:
         if self.mesh is None:
@@ -244,7 +273,7 @@ class Sampler:
 
     def _shard(self, *arrays, axis):
         if self.mesh is None:
-            return tuple(jnp.asarray(a) for a in arrays)
+            return tuple(jax.device_put(a) for a in arrays)  # jnp.asarray would compile a program per shape
         out = []
         for a, ax in zip(arrays, axis):
             names = [None] * a.ndim

@@ -1,12 +1,15 @@
 """The Qwen2.5-VL vision tower: patch embedding, windowed ViT blocks with 2-D rotary, 2x2 patch merger.
 
-Images with the same patch grid are encoded together as a batch [G, N, ...]; each grid gets a plan
-(window order, attention segments, rotary angles) computed once on the host. Attention inside an image is
-restricted by a segment mask: windows for most blocks, whole frames for the configured full-attention blocks.
+Images of any sizes are packed into bins: rows of L patches (L a power of two that holds the largest image),
+each holding one or more whole images, so one program shape (bins, L) encodes a batch whatever its image
+sizes. Each grid gets a plan (window order, attention segments, rotary angles) computed once on the host.
+Attention inside a bin is restricted by segment ids: windows of one image for most blocks, a whole frame of one
+image for the configured full-attention blocks, so images packed together never see each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ...buckets import power_of_two
 from .config import VisionConfig
 from .layers import GatedMLP, RMSNorm, attend, linear
 from .rope import apply_rotary, vision_angles, vision_patch_positions
@@ -50,25 +54,77 @@ def window_plan(grid: tuple[int, int, int], cfg: VisionConfig):
     }
 
 
-def encode_by_grid(pixel_values, image_grid_thw, encode_group):
-    """Run `encode_group(x [G, N, patch_dim], grid) -> [G, N / merge^2, D]` once per distinct patch grid and
-    return the features of all images, in the order of `image_grid_thw`, as [num_image_tokens, D]."""
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Where every patch of a batch of images goes in the bins, computed on the host (see `pack_images`).
+
+    source [G * L]: for each bin slot, the row of pixel_values it takes (in window order), or -1 for padding.
+    window, frame [G, L]: attention segment ids (padding slots get ids of their own).
+    angles [G, L, head_dim]: rotary angles.
+    tokens [T]: for each image token of the batch in image order, its row in the bins' merged output
+      [G * L / merge^2]; T is `num_tokens` rounded up to a bucket, the extra entries repeat row 0.
+    """
+
+    source: np.ndarray
+    window: np.ndarray
+    frame: np.ndarray
+    angles: np.ndarray
+    tokens: np.ndarray
+    num_tokens: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.window.shape
+
+    def pixels(self, pixel_values) -> np.ndarray:
+        """[G, L, patch_dim]: the processor's patches laid out in the bins (zeros on padding slots)."""
+        pixel_values = np.asarray(pixel_values, np.float32)
+        padded = np.concatenate([pixel_values, np.zeros((1, pixel_values.shape[1]), np.float32)])
+        return padded[self.source].reshape(*self.shape, -1)
+
+
+def pack_images(image_grid_thw, cfg: VisionConfig, token_bucket=None, min_length: int = 64,
+                bins_multiple: int | None = None) -> Packing:
+    """Plan the bins for images of these grids: L = the power of two that holds the largest image (at least
+    `min_length` patches), images placed first-fit in the order given, bins counted up to a power of two (or
+    a multiple of `bins_multiple`). `token_bucket(n)` rounds the number of image tokens up (default: none)."""
     grids = [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw).reshape(-1, 3)]
+    if not grids:
+        raise ValueError("pack_images needs at least one image grid.")
     sizes = [t * h * w for t, h, w in grids]
-    if sum(sizes) != pixel_values.shape[0]:
-        raise ValueError(
-            f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw {grids} describes {sum(sizes)}."
-        )
+    unit = cfg.spatial_merge_size**2
+    length = max(min_length, power_of_two(max(sizes)))
+    free, where = [], []  # free slots per bin; (bin, first slot) per image
+    for size in sizes:
+        fit = next((b for b, room in enumerate(free) if room >= size), None)
+        if fit is None:
+            free.append(length)
+            fit = len(free) - 1
+        where.append((fit, length - free[fit]))
+        free[fit] -= size
+    bins = -(-len(free) // bins_multiple) * bins_multiple if bins_multiple else power_of_two(len(free))
+    source = np.full((bins, length), -1, np.int64)
+    window = np.broadcast_to(-1 - np.arange(bins * length).reshape(bins, length), (bins, length)).copy()
+    frame = window.copy()
+    angles = np.zeros((bins, length, cfg.head_dim), np.float32)
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    by_grid: dict[tuple, list[int]] = {}
-    for i, g in enumerate(grids):
-        by_grid.setdefault(g, []).append(i)
-    features = [None] * len(grids)
-    for grid, members in by_grid.items():
-        out = encode_group(jnp.stack([pixel_values[starts[i] : starts[i + 1]] for i in members]), grid)
-        for slot, i in enumerate(members):
-            features[i] = out[slot]
-    return jnp.concatenate(features, axis=0)
+    tokens, next_window, next_frame = [], 0, 0
+    for i, (grid, size, (b, first)) in enumerate(zip(grids, sizes, where)):
+        plan = window_plan(grid, cfg)
+        span = slice(first, first + size)
+        within = (plan["unit_order"][:, None] * unit + np.arange(unit)[None]).reshape(-1)  # patch rows, window order
+        source[b, span] = starts[i] + within
+        window[b, span] = next_window + plan["window"]
+        frame[b, span] = next_frame + plan["frame"]
+        angles[b, span] = plan["angles"]
+        next_window += int(plan["window"].max()) + 1
+        next_frame += int(plan["frame"].max()) + 1
+        # merged unit k of this image (reading order) sits at position argsort(unit_order)[k] of its span
+        tokens.append(b * (length // unit) + first // unit + np.argsort(plan["unit_order"]))
+    tokens = np.concatenate(tokens)
+    total = len(tokens) if token_bucket is None else token_bucket(len(tokens))
+    tokens = np.concatenate([tokens, np.zeros(total - len(tokens), tokens.dtype)])
+    return Packing(source.reshape(-1), window, frame, angles, tokens.astype(np.int32), int(starts[-1] // unit))
 
 
 class VisionAttention(nnx.Module):
@@ -136,23 +192,38 @@ class VisionTower(nnx.Module):
         pixel_values: [num_patches, patch_dim], the processor's flattened patches of all images.
         image_grid_thw: [num_images, 3], concrete (numpy or a host array): it decides the program's shapes.
         """
-        return encode_by_grid(pixel_values, image_grid_thw, self.encode_same_grid)
+        grids = np.asarray(image_grid_thw).reshape(-1, 3)
+        if int(np.prod(grids, axis=1).sum()) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
+                             f"{grids.tolist()} describes {int(np.prod(grids, axis=1).sum())}.")
+        packing = pack_images(grids, self.config)
+        pixels = jnp.asarray(pixel_values).reshape(-1, pixel_values.shape[-1])
+        pixels = jnp.concatenate([pixels, jnp.zeros((1, pixels.shape[1]), pixels.dtype)])[packing.source]
+        return self.encode_packed(pixels.reshape(*packing.shape, -1), packing.window, packing.frame, packing.angles,
+                                  packing.tokens)
 
-    def encode_same_grid(self, x, grid):
-        """x [G, N, patch_dim], G images sharing the grid (t, h, w) -> [G, N / merge^2, out_hidden_size]."""
-        plan = window_plan(grid, self.config)
-        unit = self.config.spatial_merge_size**2
-        g, n, _ = x.shape
-        x = self.patch_embed(x.astype(self.dtype))
-        x = x.reshape(g, n // unit, unit, -1)[:, plan["unit_order"]].reshape(g, n, -1)
-        cos, sin = np.cos(plan["angles"]), np.sin(plan["angles"])
-        window_mask = plan["window"][:, None] == plan["window"][None, :]
-        frame_mask = plan["frame"][:, None] == plan["frame"][None, :]
-        step = (lambda block, x, m: block(x, cos, sin, m))
-        if self.remat:
-            step = nnx.remat(step)
-        for i, block in enumerate(self.blocks):
-            mask = frame_mask if i in self.config.fullatt_block_indexes else window_mask
-            x = step(block, x, jnp.asarray(mask))
-        merged = self.merger(x)
-        return merged[:, np.argsort(plan["unit_order"])]
+    def encode_packed(self, pixels, window, frame, angles, tokens, bins_at_once: int | None = None):
+        """Image features [len(tokens), out_hidden_size] of images packed into bins by `pack_images`.
+
+        pixels [G, L, patch_dim] (`Packing.pixels`); window, frame, angles, tokens: the Packing's arrays (numpy, or
+        arguments of a compiled caller: only their shapes shape the program). `bins_at_once` bounds how many bins
+        go through the tower together (memory); None: all.
+        """
+        angles = jnp.asarray(angles)
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        window, frame = jnp.asarray(window), jnp.asarray(frame)
+
+        def one_bin(args):
+            x, cos, sin, window, frame = args
+            x = self.patch_embed(x.astype(self.dtype))[None]
+            window_mask = window[:, None] == window[None, :]
+            frame_mask = frame[:, None] == frame[None, :]
+            step = (lambda block, x, m: block(x, cos, sin, m))
+            if self.remat:
+                step = nnx.remat(step)
+            for i, block in enumerate(self.blocks):
+                x = step(block, x, frame_mask if i in self.config.fullatt_block_indexes else window_mask)
+            return self.merger(x)[0]
+
+        merged = jax.lax.map(one_bin, (pixels, cos, sin, window, frame), batch_size=bins_at_once)
+        return merged.reshape(-1, merged.shape[-1])[jnp.asarray(tokens)]
