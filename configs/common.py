@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     # pod); "" turns the cache off.
     c.compilation_cache_dir = "~/.cache/speciarl_jax/xla"
     c.compile_warmup_steps = 3  # a step after these that compiles a new program logs a warning
+    # Memory per device the start-up check plans against (speciarl_jax.plan); 0: what the device reports (CPU:
+    # no check).
+    c.device_memory_gb = 0.0
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
@@ -50,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
         pad_to_multiple_of=64,
         worker_count=0,
         min_pixels=0,  # 0: the model's image processor settings
-        max_pixels=0,
+        # CUB's images (at most 500 px a side) keep their native size; larger ones are scaled down. The bound sets
+        # the widest prompt, so the compiled programs, the KV cache and the memory plan (speciarl_jax.plan).
+        max_pixels=512 * 512,
         image_size=(0, 0),  # (H, W) > 0: resize every image, so the vision tower compiles once
     ))
     c.eval = ml_collections.ConfigDict(dict(

@@ -32,13 +32,13 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from . import buckets, compilation, multihost, parallel
+from . import buckets, compilation, multihost, parallel, plan
 from .checkpoint import Checkpointer
 from .data.config import pipeline_from_config
 from .metric_writers import MetricWriter, summary_line
 from .metrics import summarize
 from .models import lora
-from .models.qwen2_5_vl import from_pretrained
+from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained
 from .models.qwen2_5_vl.tiny import TinySpec, make_tiny_checkpoint
 from .processing import Processor
 from .rewards import (best_prediction_rewards, inject_label_noise, parse_answer, static_rewards)
@@ -224,6 +224,9 @@ class Trainer:
         self.mesh = parallel.make_mesh(**config.mesh.to_dict(), devices=devices)
 
         self.model_dir = prepare_model_dir(config, self.run_dir)
+        # Refuse, before any weights load, a config whose rollout or update cannot fit the devices' memory.
+        self.memory_plan = plan.check_fits(config, Qwen25VLConfig.from_json(self.model_dir), len(self.mesh.devices.flat),
+                                           plan.device_memory_bytes(config))
         # Each process reads its share of every batch; multihost.gather_batch puts the batch back together.
         self.train_data_cfg = data_config(config.data, extra={
             "num_epochs": None, "batch_size": config.data.batch_size // jax.process_count()})

@@ -85,6 +85,7 @@ class RLConfig:
     # into micro-batches cut to their own width (`micro_batches`), micro_batch_size only caps their rows, and the
     # update's cost follows the real tokens. None: every micro-batch spans the batch's full width, as one program.
     micro_batch_tokens: int | None = None
+    logprob_chunk_tokens: int = 2048  # the bucketed path's output-layer chunk, in tokens per device (see above)
 
     def __post_init__(self):
         losses._check_mode(self.loss_agg_mode, self.max_response_len or 1)
@@ -174,13 +175,14 @@ class TrainState:
 # The loss of one micro-batch
 
 
-def micro_batch_loss(model, batch: RolloutBatch, config: RLConfig, totals: dict, num_micro: int):
+def micro_batch_loss(model, batch: RolloutBatch, config: RLConfig, totals: dict, num_micro: int,
+                     chunk: int | None = None):
     """This micro-batch's share of the mini-batch loss, and its share of the metrics.
 
     `totals` holds the mini-batch's masked `tokens` and non-empty `rows`; the shares are chosen so that summing
     over the micro-batches gives the mini-batch's aggregate (see losses.aggregation_share).
     """
-    logp, entropy = response_logprobs(model, batch, config.logprob_chunk)
+    logp, entropy = response_logprobs(model, batch, chunk or config.logprob_chunk)
     mask = batch.response_mask.astype(jnp.float32)
     # T_max: configured, or the whole batch's response width (a micro-batch cut narrower passes it in totals).
     mode, max_len = config.loss_agg_mode, config.max_response_len or totals.get("max_len", mask.shape[1])
@@ -339,7 +341,14 @@ def make_logprob_step(graphdef, config: RLConfig, mesh=None):
     return logprob_step
 
 
-def make_accumulate_step(graphdef, config: RLConfig):
+def bucketed_chunk(config: RLConfig, rows: int, shards: int = 1) -> int:
+    """Output-layer positions per chunk for a micro-batch of `rows` rows over `shards` devices: about
+    `logprob_chunk_tokens` tokens per device, so a [tokens, vocab] float32 block stays the same size whether a
+    micro-batch holds many short rows or a few long ones."""
+    return max(1, config.logprob_chunk_tokens // max(1, rows // shards))
+
+
+def make_accumulate_step(graphdef, config: RLConfig, shards: int = 1):
     """A pure function (acc, params, frozen, micro_batch, totals) -> acc + (gradients, metrics) of the micro-batch.
 
     The bucketed update (`RLConfig.micro_batch_tokens`) runs it once per micro-batch, each cut to its own width
@@ -350,7 +359,8 @@ def make_accumulate_step(graphdef, config: RLConfig):
     def accumulate(acc, params, frozen, batch: RolloutBatch, totals):
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen, copy=True)
-            return micro_batch_loss(model, batch, config, totals, totals["num_micro"])
+            chunk = bucketed_chunk(config, batch.num_rows, shards)
+            return micro_batch_loss(model, batch, config, totals, totals["num_micro"], chunk)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return jax.tree.map(jnp.add, acc, (grads, metrics))
@@ -371,15 +381,15 @@ def make_apply_step(tx: optax.GradientTransformation):
     return apply
 
 
-def make_rows_logprobs(graphdef, config: RLConfig):
+def make_rows_logprobs(graphdef, config: RLConfig, shards: int = 1):
     """A pure function (params, frozen, micro_batch, use_adapters) -> [rows, R] log-probabilities, in one pass."""
 
     def logprobs(params, frozen, batch: RolloutBatch, use_adapters: bool = True):
         model = nnx.merge(graphdef, params, frozen, copy=True)
         if use_adapters:
-            return response_logprobs(model, batch, config.logprob_chunk)[0]
+            return response_logprobs(model, batch, bucketed_chunk(config, batch.num_rows, shards))[0]
         with lora.adapters_disabled(model):
-            return response_logprobs(model, batch, config.logprob_chunk)[0]
+            return response_logprobs(model, batch, bucketed_chunk(config, batch.num_rows, shards))[0]
 
     return logprobs
 
@@ -458,12 +468,12 @@ class Learner:
         self._zero_acc = jax.jit(
             lambda params: (jax.tree.map(jnp.zeros_like, params), {k: jnp.float32(0) for k in metric_names(config)}),
             out_shardings=acc_shardings)
-        self._accumulate = jax.jit(make_accumulate_step(self.graphdef, config), donate_argnums=(0,),
+        self._accumulate = jax.jit(make_accumulate_step(self.graphdef, config, parallel.batch_shards(mesh)), donate_argnums=(0,),
                                    out_shardings=acc_shardings, compiler_options=compiler_options)
         self._apply = jax.jit(make_apply_step(self.tx), donate_argnums=(0,),
                               out_shardings=(state_shardings, None) if mesh is not None else None,
                               compiler_options=compiler_options)
-        self._rows_logprobs = jax.jit(make_rows_logprobs(self.graphdef, config), static_argnums=(3,),
+        self._rows_logprobs = jax.jit(make_rows_logprobs(self.graphdef, config, parallel.batch_shards(mesh)), static_argnums=(3,),
                                       compiler_options=compiler_options)
 
     # -- pure functions, for callers that keep their own state --
