@@ -105,10 +105,13 @@ def parameter_counts(model: Qwen25VLConfig, lora_rank: int) -> dict[str, int]:
                (t.hidden_size, t.intermediate_size), (t.hidden_size, t.intermediate_size),
                (t.intermediate_size, t.hidden_size)]
     layer = sum(a * b for a, b in linears) + q + 2 * kv + 2 * t.hidden_size
-    text = t.vocab_size * t.hidden_size * (1 if model.tie_word_embeddings else 2) + t.num_hidden_layers * layer
-    block = 4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size + 8 * v.hidden_size
+    text = (t.vocab_size * t.hidden_size * (1 if model.tie_word_embeddings else 2) + t.num_hidden_layers * layer
+            + t.hidden_size)
+    # qkv and projection (with biases), the gated MLP (with biases), two norms
+    block = 4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size + 7 * v.hidden_size + 2 * v.intermediate_size
     merged = v.hidden_size * v.spatial_merge_size**2
-    vision = v.patch_dim * v.hidden_size + v.depth * block + merged**2 + merged * v.out_hidden_size
+    merger = v.hidden_size + merged**2 + merged + merged * v.out_hidden_size + v.out_hidden_size
+    vision = v.patch_dim * v.hidden_size + v.depth * block + merger
     adapters = t.num_hidden_layers * sum(lora_rank * (a + b) for a, b in linears)
     return {"text": text, "vision": vision, "adapters": adapters}
 
