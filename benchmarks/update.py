@@ -230,7 +230,7 @@ def device_peak_bytes():
     return stats.get("peak_bytes_in_use")
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(TEXT_SHAPES), default="tiny")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -251,7 +251,11 @@ def main():
                         help="the RL workload through the previous and the bucketed update paths, side by side")
     parser.add_argument("--path", choices=["previous", "bucketed"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=8192, help="micro_batch_tokens of the bucketed path")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     if args.compile_only:
         return compile_only(args)
     if args.compare:

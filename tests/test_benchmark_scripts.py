@@ -74,3 +74,34 @@ def test_bandwidth_script_runs(monkeypatch, capsys):
                                                                           rngs=nnx.Rngs(0))))
     limit_ms = (weights + bench.cache_bytes(config, rows=2, slots=36, itemsize=4)) / 1e6 * 1e3
     assert rows[0][6] == f"{limit_ms:.2f}"
+
+
+def test_device_check_runs_at_tiny_size(monkeypatch, capsys, tmp_path):
+    import json
+
+    bench = _load("device_check")
+    monkeypatch.setattr(sys, "argv", ["device_check.py", "--tiny", "--json", str(tmp_path / "r.json")])
+    bench.main()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert not any(isinstance(v, dict) and "error" in v for v in report.values()), report
+    # bf16 rounds the weights and activations: close to float32, not equal to it.
+    assert 0 < report["bf16_vs_f32"]["max_abs_diff"] < 0.05 * report["bf16_vs_f32"]["logit_scale"]
+    assert report["bf16_vs_f32"]["top1_agreement"] > 0.8
+    assert "tok/s" in report["decode_bandwidth"]
+    assert np.isfinite(report["update"]["loss"]) and report["update"]["planned_bytes"] > 0
+
+
+def test_update_comparison_runs_both_paths(monkeypatch, capsys):
+    """The RL workload through both update paths (tiny model): the bucketed one computes fewer token slots, and
+    its micro-batches are cut to widths from the power-of-two grid."""
+    bench = _load("update")
+    lengths = bench.rl_lengths(64, 512)
+    assert 40 <= np.median(lengths) <= 90 and lengths.max() == 512  # median about an eighth, some at the cap
+    argv = ["update.py", "--compare", "--size", "tiny", "--rows", "16", "--prompt", "16", "--response", "128",
+            "--micro", "4", "--tokens", "512", "--repeats", "1", "--rank", "4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    results = bench.compare(bench.build_parser().parse_args(argv[1:]))
+    assert results["bucketed"]["token_slots"] < results["previous"]["token_slots"] == 16 * (16 + 128)
+    assert all(width in (32, 64, 128) for _, width in results["bucketed"]["micro_batch_shapes"])
+    assert "| seconds per update |" in capsys.readouterr().out
+
