@@ -88,10 +88,12 @@ def random_rollouts(config, rows: int, samples: int, prompt: int, response: int,
 
 
 def rl_lengths(rows: int, cap: int, seed: int = 0) -> np.ndarray:
-    """Response lengths as reasoning rollouts spread: log-normal with median cap / 8, about 3% cut at the cap."""
+    """Response lengths as reasoning rollouts spread: log-normal with median cap / 8, and the longest 3% (at
+    least two) run into the cap, as answers that never close do."""
     rng = np.random.default_rng(seed)
-    lengths = np.exp(rng.normal(np.log(cap / 8), 1.1, rows))
-    return np.clip(np.round(lengths), 4, cap).astype(np.int64)
+    lengths = np.clip(np.round(np.exp(rng.normal(np.log(cap / 8), 1.1, rows))), 4, cap).astype(np.int64)
+    lengths[np.argsort(lengths)[-max(2, round(0.03 * rows)):]] = cap
+    return lengths
 
 
 def rl_rollouts(config, rows: int, samples: int, prompt: int, response: int, seed: int = 0):

@@ -64,6 +64,40 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+def checkpointed_layer(layer: DecoderLayer, x, cos, sin, mask):
+    """`layer(x, ...)[0]`, keeping only the layer's input for the backward pass, which recomputes the rest.
+
+    The recomputation runs inside a conditional on the gradient arriving from the layer above (true unless that
+    gradient is already non-finite, which then poisons this layer's gradients with NaN as it would have anyway).
+    A compiler cannot run it before that gradient exists, nor merge it with the forward pass: XLA:CPU does both
+    with `jax.checkpoint` (it drops the optimization barriers), which holds every layer's activations at once.
+    Only the gradients the caller uses survive compilation (unused ones, e.g. of frozen weights, are pruned).
+    """
+    graphdef, state = nnx.split(layer)
+
+    def apply(state, x, cos, sin):
+        return nnx.merge(graphdef, state, copy=True)(x, cos, sin, mask)[0]
+
+    @jax.custom_vjp
+    def run(state, x, cos, sin):
+        return apply(state, x, cos, sin)
+
+    def forward(state, x, cos, sin):
+        return apply(state, x, cos, sin), (state, x, cos, sin)
+
+    def backward(saved, grad):
+        def recompute(saved, grad):
+            return jax.vjp(apply, *saved)[1](grad)
+
+        def poisoned(saved, grad):
+            return jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), saved)
+
+        return jax.lax.cond(jnp.isfinite(grad).all(), recompute, poisoned, saved, grad)
+
+    run.defvjp(forward, backward)
+    return run(state, x, cos, sin)
+
+
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: bool = False, rngs):
         self.config = cfg
@@ -81,11 +115,8 @@ class TextModel(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_pos=None):
         """x [B, T, D] input embeddings -> final hidden states [B, T, D] and the updated cache (or None)."""
         if cache is None:
-            step = lambda layer, x: layer(x, cos, sin, mask)[0]  # noqa: E731
-            if self.remat:
-                step = nnx.remat(step)
             for layer in self.layers:
-                x = step(layer, x)
+                x = checkpointed_layer(layer, x, cos, sin, mask) if self.remat else layer(x, cos, sin, mask)[0]
             return self.norm(x), None
         keys, values = [], []
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
