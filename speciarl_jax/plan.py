@@ -147,18 +147,19 @@ class Plan:
 
 
 def update_activation_bytes(text: TextConfig, rows: int, columns: int, response: int, chunk: int, dtype_bytes: int,
-                            remat: bool, chunk_tokens: int | None = None) -> float:
+                            remat: bool, chunk_tokens: int | None = None, tensor: int = 1) -> float:
     """One device's activations for a forward/backward of `rows` x `columns` tokens with `response` of them
     through the output layer (in chunks of `chunk` positions, or of `chunk_tokens` tokens on the bucketed path,
-    each recomputed in the backward pass)."""
+    each recomputed in the backward pass). `tensor` splits heads, MLP columns and the vocabulary."""
     tokens = rows * columns
     d, heads = text.hidden_size, text.num_attention_heads
     per_layer_kept = tokens * d * dtype_bytes  # a block's input, kept for the recomputation
     # One block's forward intermediates, live during its backward: q/k/v/o and norms, MLP gate/up/act, scores.
-    block = tokens * (6 * d + 3 * text.intermediate_size) * dtype_bytes + rows * heads * columns**2 * 4 * 2
+    block = (tokens * 6 * d * dtype_bytes + tokens * 3 * text.intermediate_size * dtype_bytes / tensor
+             + rows * heads * columns**2 * 4 * 2 / tensor)
     kept = text.num_hidden_layers * (per_layer_kept if remat else block)
     positions = min(rows * response, max(rows, chunk_tokens)) if chunk_tokens else rows * min(chunk, response)
-    logits = positions * text.vocab_size * 4 * 3  # logits, softmax and their gradient in float32
+    logits = positions * text.vocab_size * 4 * 3 / tensor  # logits, softmax and their gradient in float32
     hidden = rows * response * d * 4 * 2  # response hidden states and their gradient
     return kept + block + logits + hidden
 
@@ -185,13 +186,15 @@ def make_plan(config, model: Qwen25VLConfig, layout: Layout, device_bytes: float
     kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * weight_bytes / kv_split
     cache = rows_per_device * (buckets.round_up(prompt, 32) + new) * kv_per_token
     rows_out["rollout KV cache"] = cache
+    rows_out["per-prompt cache the samples copy"] = cache / config.rollout.num_samples
     prompts_per_device = max(1, buckets.power_of_two(config.data.batch_size) / layout.batch_shards)
-    prefill = update_activation_bytes(t, int(prompts_per_device), prompt, 1, 1, weight_bytes, remat=True) \
+    prefill = update_activation_bytes(t, int(prompts_per_device), prompt, 1, 1, weight_bytes, remat=True,
+                                      tensor=layout.tensor) \
         - t.num_hidden_layers * prompts_per_device * prompt * t.hidden_size * weight_bytes
     rows_out["rollout prefill temporaries"] = prefill
-    rows_out["sampling logits"] = rows_per_device * t.vocab_size * 4 * 3
-    rollout = rows_out["weights (language + vision)"] + rows_out["trainable, gradients, Adam"] + cache + max(
-        prefill, rows_out["sampling logits"])
+    rows_out["sampling logits"] = rows_per_device * t.vocab_size * 4 * 3 / layout.tensor
+    rollout = (rows_out["weights (language + vision)"] + rows_out["trainable, gradients, Adam"] + cache
+               + rows_out["per-prompt cache the samples copy"] + max(prefill, rows_out["sampling logits"]))
 
     # ---- update ----
     base = rows_out["weights (language + vision)"] + rows_out["trainable, gradients, Adam"]
@@ -205,8 +208,8 @@ def make_plan(config, model: Qwen25VLConfig, layout: Layout, device_bytes: float
             width = min(width, new)
             per_device = max(1, token_budget // (prompt + width))
             rows = 1 << (per_device.bit_length() - 1)
-            worst = max(worst, update_activation_bytes(t, rows, prompt + width, width, _chunk(config),
-                                                       weight_bytes, bool(config.rl.remat), _chunk_tokens(config)))
+            worst = max(worst, update_activation_bytes(t, rows, prompt + width, width, _chunk(config), weight_bytes,
+                                                       bool(config.rl.remat), _chunk_tokens(config), layout.tensor))
             if width >= new:
                 return worst
             width *= 2
@@ -217,11 +220,15 @@ def make_plan(config, model: Qwen25VLConfig, layout: Layout, device_bytes: float
     else:  # the previous path: micro_batch_size rows (or the whole mini-batch) at full width
         micro = int(config.rl.micro_batch_size or config.rl.mini_batch_size or rollout_rows)
         activations = update_activation_bytes(t, max(1, micro // layout.batch_shards), prompt + new, new,
-                                              _chunk(config), weight_bytes, bool(config.rl.remat))
+                                              _chunk(config), weight_bytes, bool(config.rl.remat), tensor=layout.tensor)
         notes.append("rl.micro_batch_tokens=0: every micro-batch spans prompt + max_new_tokens columns")
     rows_out["update activations (largest micro-batch)"] = activations
     update = base + image_table + activations
 
+    if layout.fsdp > 1:
+        notes.append(f"fsdp={layout.fsdp} splits the weights along the model dimension: every decode step gathers "
+                     "them (or XLA keeps a gathered copy); with room to spare, data parallelism with tensor "
+                     "parallelism over fast links (config.mesh.data / .tensor) keeps the decode loop local")
     room = SAFETY * device_bytes - base - image_table
     best = None
     for exponent in range(10, 21):  # 1k .. 1M tokens per device

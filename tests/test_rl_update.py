@@ -9,7 +9,7 @@ from flax import nnx
 
 from speciarl_jax import parallel
 from speciarl_jax.models import lora
-from speciarl_jax.models.qwen2_5_vl import from_pretrained, get_position_ids
+from speciarl_jax.models.qwen2_5_vl import Qwen25VL, from_pretrained, get_position_ids
 from speciarl_jax.rl import update
 from speciarl_jax.rl.batch import check_batch, make_rollout_batch
 from test_model_parity import random_image
@@ -90,6 +90,18 @@ def test_rollout_logprobs_with_images_match_a_full_forward(tiny_checkpoint, tiny
     np.testing.assert_allclose(got[on], expected[on], atol=2e-5)
     np.testing.assert_allclose(reference[on], expected_reference[on], atol=2e-5)
     assert np.abs(got - reference)[on].max() > 1e-3
+
+    # The bucketed path: rows sorted by length into two micro-batches of two rows (a budget of two rows), the
+    # table padded to its bucket, output-layer chunks of 3 tokens; the same log-probabilities.
+    prompt_columns = batch.input_ids.shape[1] - response
+    bucketed = update.Learner(model, update.RLConfig(micro_batch_tokens=2 * (prompt_columns + response),
+                                                     logprob_chunk_tokens=3), compiler_options=FAST)
+    plan = bucketed.plan(response_mask.sum(1), prompt_columns, response)
+    assert [m.real for m in plan] == [2, 2] and sorted(plan[0].rows) == [0, 3]  # the longest two first
+    table = bucketed._image_table(batch.image_features)
+    for use_adapters, oracle_values in ((True, expected), (False, expected_reference)):
+        values = bucketed._bucketed_logprobs(batch, table, bucketed.state.params, use_adapters)
+        np.testing.assert_allclose(values[on], oracle_values[on], atol=1e-4)
 
 
 def _updated(model, config, batch, mesh=None):
@@ -173,3 +185,83 @@ def test_malformed_batches_and_sizes_are_named(tiny_checkpoint):
         update.Learner(vision_adapted, update.RLConfig())
     with pytest.raises(ValueError, match="selects no variables"):
         update.Learner(from_pretrained(tiny_checkpoint), update.RLConfig(), trainable=lora.LoRAWeight)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_bucketed_update_equals_the_single_program_update(tiny_checkpoint, mode):
+    """Rows of long-tailed lengths: the bucketed path (micro-batches grouped by length, cut to their widths) and
+    the single-program path (every micro-batch at full width) take the same optimizer steps: per-step loss and
+    gradient norm, and parameters within a small fraction of how far they moved."""
+    settings = dict(mini_batch_size=8, micro_batch_size=4, loss_agg_mode=mode, learning_rate=1e-2, logprob_chunk=8,
+                    kl_coef=0.01 if mode == "token-mean" else 0.0)
+    lengths = np.array([40, 3, 35, 5, 9, 12, 2, 7, 1, 40, 6, 20, 33, 4, 8, 10])  # long-tailed, two at the cap
+    start = None
+    results = []
+    for tokens in (None, 7 * 4 + 32 * 2):
+        model = adapted_model(tiny_checkpoint)
+        batch = text_batch(model.config, rows=16, samples=4, response=40, seed=3)
+        batch = batch.replace(response_mask=(np.arange(40)[None] < lengths[:, None]).astype(np.int32))
+        learner = update.Learner(model, update.RLConfig(**settings, micro_batch_tokens=tokens), compiler_options=FAST)
+        if start is None:
+            start = [np.asarray(x) for x in jax.tree.leaves(learner.state.params)]
+        steps = [learner.step(batch) for _ in range(2)]
+        results.append((steps, [np.asarray(x) for x in jax.tree.leaves(learner.state.params)]))
+        if tokens:  # several widths, and fewer token slots than the full-width layout
+            plan = learner.plan(lengths[:8], 7, 40)
+            assert len({m.response_width for m in plan}) >= 2 and sum(m.real for m in plan) == 8
+    (single, single_params), (bucketed, bucketed_params) = results
+    for a, b in zip(single, bucketed):
+        for key in ("loss", "pg_loss", "grad_norm", "entropy", "tokens", "optimizer_steps"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    moved = np.sqrt(sum(((p - s0) ** 2).sum() for p, s0 in zip(single_params, start)))
+    gap = np.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(single_params, bucketed_params)))
+    assert moved > 0.1 and gap < 1e-3 * moved, (gap, moved)
+
+
+def test_remat_keeps_gradients_and_holds_one_layer_of_activations(tiny_checkpoint):
+    """Gradient checkpointing changes nothing in the gradients (LoRA and full fine-tuning), and XLA's buffer
+    assignment of a 16-layer update shows it keeping one layer's activations instead of all of them."""
+    batch = text_batch(from_pretrained(tiny_checkpoint).config, rows=8, samples=4, response=6)
+    batch = batch.replace(old_logprobs=np.full((8, 6), -5.0, np.float32))
+    totals = {"tokens": np.float32(batch.response_mask.sum()), "rows": np.float32(7), "num_micro": np.float32(1),
+              "max_len": np.float32(6)}
+    for rank in (4, 0):
+        grads = []
+        for remat in (True, False):
+            model = from_pretrained(tiny_checkpoint)
+            if rank:
+                lora.apply_lora(model, lora.LoRAConfig(rank=rank))
+                for i, (_, layer) in enumerate(lora.lora_layers(model)):
+                    layer.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.lora_b.shape)
+            learner = update.Learner(model, update.RLConfig(remat=remat, kl_coef=0.0, micro_batch_tokens=4096),
+                                     trainable=None if rank else lora.trainable_filter(lora.LoRAConfig(rank=0)),
+                                     compiler_options=FAST)
+            acc = learner._accumulate(learner._zero_acc(learner.state.params), learner.state.params, learner.frozen,
+                                      learner.place(batch), totals)
+            grads.append([np.asarray(g) for g in jax.tree.leaves(acc[0])])
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    from speciarl_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
+    from speciarl_jax.rl.batch import RolloutBatch
+
+    text = TextConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
+                      num_attention_heads=4, num_key_value_heads=2, mrope_section=(16, 8, 8))
+    config = Qwen25VLConfig(text=text, vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                           out_hidden_size=256, fullatt_block_indexes=(0,)),
+                            image_token_id=1000, video_token_id=1001, vision_start_token_id=1002,
+                            vision_end_token_id=1003, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    spec = lambda shape, dt=np.int32: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    shapes = RolloutBatch(input_ids=spec((8, 512)), attention_mask=spec((8, 512)), position_ids=spec((3, 8, 512)),
+                          response_mask=spec((8, 64)), advantages=spec((8,), np.float32),
+                          old_logprobs=spec((8, 64), np.float32), ref_logprobs=spec((8, 64), np.float32))
+    temporaries = {}
+    for remat in (True, False):
+        model = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+        lora.apply_lora(model, lora.LoRAConfig(rank=4))
+        learner = update.Learner(model, update.preset("grpo", remat=remat, micro_batch_tokens=4096))
+        abstract_totals = {k: spec((), np.float32) for k in totals}
+        acc = jax.eval_shape(learner._zero_acc, learner.state.params)
+        compiled = learner._accumulate.lower(acc, learner.state.params, learner.frozen, shapes, abstract_totals).compile()
+        temporaries[remat] = compiled.memory_analysis().temp_size_in_bytes
+    assert temporaries[True] * 5 < temporaries[False], temporaries
