@@ -114,7 +114,7 @@ def run_path(args) -> dict:
     lora.apply_lora(model, lora.LoRAConfig(rank=args.rank, alpha=args.rank / 2))
     bucketed = args.path == "bucketed"
     # The previous path runs micro-batches of --micro rows at full width; the bucketed one fills --tokens per pass.
-    config = update.preset("grpo", mini_batch_size=args.mini, micro_batch_size=None if bucketed else args.micro,
+    config = update.preset("grpo", mini_batch_size=args.mini, micro_batch_size=None if bucketed else args.micro or None,
                            logprob_chunk=args.chunk, remat=not args.no_remat,
                            micro_batch_tokens=args.tokens if bucketed else None)
     learner = update.Learner(model, config)
@@ -144,7 +144,7 @@ def run_path(args) -> dict:
                                             learner.frozen, piece, totals)
         shapes = sorted({m.shape for m in plan}, reverse=True)
     else:
-        micro = args.micro or args.mini or args.rows
+        micro = args.micro or args.mini or args.rows  # --micro 0: the whole mini-batch in one pass
         slots = args.rows * (args.prompt + args.response)
         placed = learner.place(batch)
         placed = placed.replace(old_logprobs=jnp.zeros(placed.response_mask.shape),

@@ -54,11 +54,13 @@ class CompileCounter:
 
 def enable_persistent_cache(folder: str) -> str | None:
     """Keep compiled programs in `folder` (shared by every host of a pod when it is on a shared disk), so a
-    restarted or resumed run loads them instead of compiling again. "" leaves the cache off. Returns the folder."""
+    restarted or resumed run loads them instead of compiling again. "" turns the cache off. Returns the folder."""
     if not folder:
+        jax.config.update("jax_enable_compilation_cache", False)
         return None
     folder = os.path.expanduser(folder)
     os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", folder)
     # Cache every program that took real time to compile; tiny ones are cheaper to compile than to read.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

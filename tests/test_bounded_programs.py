@@ -61,3 +61,18 @@ def test_counter_and_buckets():
     assert [buckets.power_of_two(v) for v in (0, 1, 5, 64)] == [1, 1, 8, 64]
     mark = buckets.HighWater()
     assert [mark("x", v) for v in (3, 9, 4)] == [3, 9, 9]
+
+
+def test_persistent_cache_setting(tmp_path):
+    import jax
+
+    before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+    try:
+        assert compilation.enable_persistent_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
+        assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        assert (tmp_path / "xla").is_dir()
+        assert compilation.enable_persistent_cache("") is None
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before[0])
+        jax.config.update("jax_compilation_cache_dir", before[1])
