@@ -95,6 +95,7 @@ class Run:
 def base_config(quick: bool = False):
     """configs/miniature.py, shrunk further for --quick."""
     c = miniature.get_config()
+    c.compilation_cache_dir = ""  # the script's own cache (<out>/compile_cache) serves every run
     if quick:
         q = QUICK
         c.steps = q["rl_steps"]
@@ -119,6 +120,7 @@ def warm_config(base, out: str):
     c.eval = base.eval.copy_and_resolve_references()
     c.sft.steps = base.sft.steps
     c.name = "miniature_warm"
+    c.compilation_cache_dir = ""
     c.run_dir = os.path.join(out, "warm")
     c.steps = 0
     c.epochs = 0

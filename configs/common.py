@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Multi-host: a process that stops answering the coordination service this long makes all the others exit.
     c.heartbeat_timeout_s = 100
     # Compiled programs are kept here and reused by later runs and resumes (a shared disk serves every host of a
-    # pod); "" turns the cache off.
+    # pod); "": no cache of the trainer's own (a cache the calling program set up stays in use).
     c.compilation_cache_dir = "~/.cache/speciarl_jax/xla"
     c.compile_warmup_steps = 3  # a step after these that compiles a new program logs a warning
     # Memory per device the start-up check plans against (speciarl_jax.plan); 0: what the device reports (CPU:

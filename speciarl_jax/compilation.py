@@ -54,9 +54,9 @@ class CompileCounter:
 
 def enable_persistent_cache(folder: str) -> str | None:
     """Keep compiled programs in `folder` (shared by every host of a pod when it is on a shared disk), so a
-    restarted or resumed run loads them instead of compiling again. "" turns the cache off. Returns the folder."""
+    restarted or resumed run loads them instead of compiling again. "" changes nothing (JAX keeps the cache off,
+    or the one the calling program set up). Returns the folder."""
     if not folder:
-        jax.config.update("jax_enable_compilation_cache", False)
         return None
     folder = os.path.expanduser(folder)
     os.makedirs(folder, exist_ok=True)

@@ -71,8 +71,8 @@ def test_persistent_cache_setting(tmp_path):
         assert compilation.enable_persistent_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
         assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
         assert (tmp_path / "xla").is_dir()
-        assert compilation.enable_persistent_cache("") is None
-        assert not jax.config.jax_enable_compilation_cache
+        assert compilation.enable_persistent_cache("") is None  # leaves the setting alone
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     finally:
         jax.config.update("jax_enable_compilation_cache", before[0])
         jax.config.update("jax_compilation_cache_dir", before[1])

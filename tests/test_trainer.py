@@ -21,6 +21,7 @@ def small_config(run_dir, **changes):
     """The demo shrunk to seconds: a 2-layer model, 4 prompts x 4 samples, 12 new tokens."""
     c = demo_config()
     c.run_dir = str(run_dir)
+    c.compilation_cache_dir = ""  # tests leave the user's cache folder alone
     c.model.tiny_spec.update(dict(hidden_size=64, intermediate_size=128, num_layers=2))
     c.steps = 3
     c.checkpoint_every = 2
