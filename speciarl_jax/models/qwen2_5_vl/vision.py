@@ -213,17 +213,22 @@ class VisionTower(nnx.Module):
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         window, frame = jnp.asarray(window), jnp.asarray(frame)
 
+        # The layers enter the loop over bins as state and are rebuilt inside it, so that transforms applied
+        # within (remat, an outer grad) act on modules of the loop's own trace.
+        graphdef, state = nnx.split((self.patch_embed, self.blocks, self.merger))
+
         def one_bin(args):
             x, cos, sin, window, frame = args
-            x = self.patch_embed(x.astype(self.dtype))[None]
+            patch_embed, blocks, merger = nnx.merge(graphdef, state, copy=True)
+            x = patch_embed(x.astype(self.dtype))[None]
             window_mask = window[:, None] == window[None, :]
             frame_mask = frame[:, None] == frame[None, :]
             step = (lambda block, x, m: block(x, cos, sin, m))
             if self.remat:
                 step = nnx.remat(step)
-            for i, block in enumerate(self.blocks):
+            for i, block in enumerate(blocks):
                 x = step(block, x, frame_mask if i in self.config.fullatt_block_indexes else window_mask)
-            return self.merger(x)[0]
+            return merger(x)[0]
 
         merged = jax.lax.map(one_bin, (pixels, cos, sin, window, frame), batch_size=bins_at_once)
         return merged.reshape(-1, merged.shape[-1])[jnp.asarray(tokens)]
