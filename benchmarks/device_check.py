@@ -1,7 +1,8 @@
 """One command for an accelerator session (a GPU or TPU lent for minutes): everything worth measuring there, in
 about 8 minutes of device time, printed as one JSON report (and written with --json).
 
-  1. bf16 vs f32: logits of the tiny random model in both dtypes (max difference, top-1 agreement).
+  1. bf16 vs f32: logits of the tiny random model in both dtypes (max difference, top-1 agreement); on an NVIDIA
+     GPU also cuDNN's fused attention against XLA's (`model.attention="cudnn"`).
   2. Decode speed against the memory-bandwidth limit: benchmarks/decode_bandwidth.py (3B shapes, batch 1 and 64).
   3. One RL update of a Qwen2.5-VL-3B-shaped model with LoRA r64 on 256 rows x 512 tokens (bucketed path, GRPO:
      old and reference log-probabilities, then the optimizer step): compile and step time, model-FLOPs utilisation,
@@ -46,6 +47,25 @@ def bf16_vs_f32(seed: int = 0) -> dict:
     a, b = (np.asarray(forward(m, ids, positions), np.float32) for m in (full, half))
     return {"max_abs_diff": float(np.abs(a - b).max()), "logit_scale": float(np.abs(a).max()),
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+
+
+def cudnn_attention(seed: int = 0) -> dict | str:
+    """On an NVIDIA GPU: the tiny model's bf16 logits with cuDNN's fused attention against XLA's."""
+    from flax import nnx
+
+    from speciarl_jax.models.qwen2_5_vl import set_attention_implementation
+
+    if jax.default_backend() != "gpu":
+        return f"skipped: cuDNN attention needs an NVIDIA GPU (backend: {jax.default_backend()})"
+    model = update_bench.build_model("tiny", jnp.bfloat16)
+    ids = np.random.default_rng(seed).integers(8, model.config.text.vocab_size - 8, (4, 48)).astype(np.int32)
+    positions, _ = model.position_ids(ids)
+    forward = nnx.jit(lambda m, i, p: m(i, position_ids=p).logits)
+    xla = np.asarray(forward(model, ids, positions), np.float32)
+    set_attention_implementation(model, "cudnn")
+    cudnn = np.asarray(forward(model, ids, positions), np.float32)
+    return {"max_abs_diff": float(np.abs(xla - cudnn).max()), "top1_agreement": float(
+        (xla.argmax(-1) == cudnn.argmax(-1)).mean())}
 
 
 def decode_bandwidth(tiny: bool) -> str:
@@ -103,7 +123,8 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     report = {"device": jax.local_devices()[0].device_kind, "jax": jax.__version__, "devices": jax.device_count()}
-    for name, fn in (("bf16_vs_f32", bf16_vs_f32), ("decode_bandwidth", lambda: decode_bandwidth(args.tiny)),
+    for name, fn in (("bf16_vs_f32", bf16_vs_f32), ("cudnn_attention", cudnn_attention),
+                     ("decode_bandwidth", lambda: decode_bandwidth(args.tiny)),
                      ("update", lambda: update_step(args.tiny))):
         start = time.perf_counter()
         try:

@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
         tiny_spec=ml_collections.ConfigDict(dict(hidden_size=64, num_layers=2, intermediate_size=128, vision_hidden=32,
                                                  vision_intermediate=64)),
         dtype="bfloat16",
+        # Attention without a KV cache (update, prefill, vision tower): "xla" (any backend) or "cudnn" (NVIDIA GPUs
+        # in bf16: a fused kernel that never holds the [T, T] scores; check it with benchmarks/device_check.py).
+        attention="xla",
     ))
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=32.0))  # rank 0: full fine-tuning
 

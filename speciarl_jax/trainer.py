@@ -38,7 +38,7 @@ from .data.config import pipeline_from_config
 from .metric_writers import MetricWriter, summary_line
 from .metrics import summarize
 from .models import lora
-from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained
+from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained, set_attention_implementation
 from .models.qwen2_5_vl.tiny import TinySpec, make_tiny_checkpoint
 from .processing import Processor
 from .rewards import (best_prediction_rewards, inject_label_noise, parse_answer, static_rewards)
@@ -166,6 +166,8 @@ def validate(config, process_count: int = 1) -> None:
         if rl.overlong_buffer and rl.overlong_buffer >= config.rollout.max_new_tokens:
             problems.append(f"rl.overlong_buffer {rl.overlong_buffer} must be below rollout.max_new_tokens "
                             f"{config.rollout.max_new_tokens} (DAPO shapes rewards over the last buffer tokens)")
+    if config.model.get("attention", "xla") not in ("xla", "cudnn"):
+        problems.append(f"model.attention must be 'xla' or 'cudnn', got {config.model.attention!r}")
     if config.checkpoint_every < 1:
         problems.append(f"checkpoint_every must be >= 1 (steps), got {config.checkpoint_every}")
     if config.checkpoint_every_seconds < 0:
@@ -259,6 +261,7 @@ class Trainer:
     def build_policy(self, folder: str) -> None:
         """Load the policy from a Hugging Face folder, add adapters, and make a learner for it."""
         self.model = from_pretrained(folder, dtype=self.config.model.dtype, mesh=self.mesh)
+        set_attention_implementation(self.model, self.config.model.get("attention", "xla"))
         if self.lora_config.enabled:
             lora.apply_lora(self.model, self.lora_config)
         logging.info("policy from %s: %s", folder, lora.count_parameters(self.model, self.lora_config))

@@ -130,3 +130,19 @@ def test_tied_embeddings(tmp_path, tiny_processor):
     assert not hasattr(model, "lm_head")
     batch = tiny_processor([tiny_processor.chat_prompt("Tied?", 1)], images=[random_image(10, 56, 56)])
     check_parity(model, hf, batch)
+
+
+def test_attention_implementation_is_set_everywhere_and_checked(tiny_checkpoint):
+    from flax import nnx
+
+    from speciarl_jax.models.qwen2_5_vl import set_attention_implementation
+    from speciarl_jax.models.qwen2_5_vl.text import Attention
+    from speciarl_jax.models.qwen2_5_vl.vision import VisionAttention
+
+    model = from_pretrained(tiny_checkpoint)
+    set_attention_implementation(model, "cudnn")
+    found = [m.implementation for _, m in nnx.iter_graph(model) if isinstance(m, (Attention, VisionAttention))]
+    assert len(found) == model.config.text.num_hidden_layers + model.config.vision.depth
+    assert set(found) == {"cudnn"}
+    with pytest.raises(ValueError, match="attention implementation 'flash'"):
+        set_attention_implementation(model, "flash")

@@ -50,19 +50,20 @@ class GatedMLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def attend(q, k, v, mask, scale: float):
-    """Softmax attention with grouped key/value heads.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def attend(q, k, v, mask, scale: float, implementation: str = "xla"):
+    """Softmax attention with grouped key/value heads, by `jax.nn.dot_product_attention`.
 
     q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask: [B or 1, T, S] (True = attend).
-    Scores and softmax in float32. Returns [B, T, H * D].
+    implementation: "xla" (any backend: scores and softmax in float32, a fully masked row stays finite) or
+    "cudnn" (NVIDIA GPUs, bf16/fp16: cuDNN's fused kernel, which never holds the [T, S] scores).
+    Returns [B, T, H * D].
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                       implementation=None if implementation == "xla" else implementation)
     return out.reshape(b, t, h * d)
 
 

@@ -10,9 +10,10 @@ import numpy as np
 from flax import nnx, struct
 
 from .config import Qwen25VLConfig
+from .layers import ATTENTION_IMPLEMENTATIONS
 from .rope import get_position_ids, mrope_cos_sin
-from .text import TextModel
-from .vision import VisionTower
+from .text import Attention, TextModel
+from .vision import VisionAttention, VisionTower
 
 
 class KVCache(NamedTuple):
@@ -170,3 +171,13 @@ def _attention_mask(key_valid, num_queries, first_slot):
     k_slot = jnp.arange(key_valid.shape[1])
     causal = k_slot[None, :] <= q_slot[:, None]
     return causal[None] & key_valid.astype(bool)[:, None, :]
+
+
+def set_attention_implementation(model: Qwen25VL, implementation: str) -> None:
+    """Run every attention without a KV cache (the update, the prefill, the vision tower) with `implementation`:
+    "xla" (the default, any backend) or "cudnn" (fused, NVIDIA GPUs in bf16/fp16; see layers.attend)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: use one of {ATTENTION_IMPLEMENTATIONS}")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, (Attention, VisionAttention)):
+            module.implementation = implementation

@@ -20,6 +20,7 @@ class Attention(nnx.Module):
         self.k_proj = linear(cfg.hidden_size, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.v_proj = linear(cfg.hidden_size, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.o_proj = linear(cfg.num_attention_heads * hd, cfg.hidden_size, ("heads", "embed"), bias=False, **kw)
+        self.implementation = "xla"  # of attention without a cache (update, prefill); see layers.attend
 
     def __call__(self, x, cos, sin, mask, kv=None, cache_pos=None):
         """x [B, T, D]; mask [B, T, S]; kv: this layer's cache (keys [B, K, hd, S], values [B, K, S, hd]) or None.
@@ -34,7 +35,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         scale = self.head_dim**-0.5
         if kv is None:
-            return self.o_proj(attend(q, k, v, mask, scale=scale)), None
+            return self.o_proj(attend(q, k, v, mask, scale=scale, implementation=self.implementation)), None
         keys = jax.lax.dynamic_update_slice(kv[0], jnp.transpose(k, (0, 2, 3, 1)).astype(kv[0].dtype),
                                             (0, 0, 0, cache_pos))
         values = jax.lax.dynamic_update_slice(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), (0, 0, cache_pos, 0))
@@ -43,7 +44,7 @@ class Attention(nnx.Module):
             # A prefill into slot 0 onwards: causality hides every slot after the new tokens, so attending over
             # the new keys alone is the same and skips the rest of the cache.
             k, v = (a.astype(c.dtype).astype(q.dtype) for a, c in zip((k, v), kv))  # as the cache holds them
-            out = attend(q, k, v, mask[..., :t], scale=scale)
+            out = attend(q, k, v, mask[..., :t], scale=scale, implementation=self.implementation)
         else:
             out = attend_cache(q, keys.astype(q.dtype), values.astype(q.dtype), mask, scale=scale)
         return self.o_proj(out), kv

@@ -133,12 +133,13 @@ class VisionAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.qkv = linear(cfg.hidden_size, 3 * cfg.hidden_size, ("vit_embed", "vit_heads"), **kw)
         self.proj = linear(cfg.hidden_size, cfg.hidden_size, ("vit_heads", "vit_embed"), **kw)
+        self.implementation = "xla"  # see layers.attend
 
     def __call__(self, x, cos, sin, mask):
         g, n, d = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(g, n, 3, self.num_heads, -1), 2, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(attend(q, k, v, mask[None], scale=q.shape[-1] ** -0.5))
+        return self.proj(attend(q, k, v, mask[None], scale=q.shape[-1] ** -0.5, implementation=self.implementation))
 
 
 class VisionBlock(nnx.Module):
