@@ -31,7 +31,7 @@ import update as update_bench  # noqa: E402  (benchmarks/update.py: model builde
 
 from speciarl_jax import plan  # noqa: E402
 from speciarl_jax.models import lora  # noqa: E402
-from speciarl_jax.rl import update  # noqa: E402
+from speciarl_jax.rl import micro_batches, update  # noqa: E402
 
 
 def bf16_vs_f32(seed: int = 0) -> dict:
@@ -104,7 +104,7 @@ def update_step(tiny: bool) -> dict:
     text = model.config.text
     dtype_bytes = 4 if tiny else 2
     counts = plan.parameter_counts(model.config, rank)
-    micro_rows = 1 << ((budget // (prompt + response)).bit_length() - 1)
+    micro_rows = micro_batches.rows_per_device(budget, prompt + response)
     predicted = ((counts["text"] + counts["vision"]) * dtype_bytes + counts["adapters"] * 4 * 4
                  + plan.update_activation_bytes(text, micro_rows, prompt + response, response, 512, dtype_bytes, True,
                                                 2048))

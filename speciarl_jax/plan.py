@@ -201,18 +201,11 @@ def make_plan(config, model: Qwen25VLConfig, layout: Layout, device_bytes: float
     image_table = config.data.batch_size * image_tokens * t.hidden_size * weight_bytes  # replicated
     rows_out["update image-feature table"] = image_table
 
-    def update_bytes(token_budget: int) -> float:
-        worst = 0.0
-        width = micro_batches.MIN_RESPONSE_WIDTH
-        while True:
-            width = min(width, new)
-            per_device = max(1, token_budget // (prompt + width))
-            rows = 1 << (per_device.bit_length() - 1)
-            worst = max(worst, update_activation_bytes(t, rows, prompt + width, width, _chunk(config), weight_bytes,
-                                                       bool(config.rl.remat), _chunk_tokens(config), layout.tensor))
-            if width >= new:
-                return worst
-            width *= 2
+    def update_bytes(token_budget: int) -> float:  # the worst micro-batch over every width it can take
+        return max(update_activation_bytes(t, micro_batches.rows_per_device(token_budget, prompt + width),
+                                           prompt + width, width, _chunk(config), weight_bytes, bool(config.rl.remat),
+                                           _chunk_tokens(config), layout.tensor)
+                   for width in micro_batches.widths(new))
 
     budget = int(config.rl.get("micro_batch_tokens", 0) or 0)
     if budget:
@@ -337,13 +330,12 @@ def xla_update_bytes(config, model: Qwen25VLConfig, plan: Plan) -> str:
     XLA's temporaries next to the plan's activations (one device, no mesh)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from .models import lora
     from .models.qwen2_5_vl import Qwen25VL
     from .rl import update
-    from .rl.batch import RolloutBatch
+    from .rl.batch import abstract_batch
 
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     shapes = nnx.eval_shape(lambda: Qwen25VL(model, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -351,19 +343,14 @@ def xla_update_bytes(config, model: Qwen25VLConfig, plan: Plan) -> str:
         lora.apply_lora(shapes, lora.LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha)))
     budget = plan.micro_batch_tokens or plan.best_micro_batch_tokens or 4096
     new = int(config.rollout.max_new_tokens)
-    rows = max(1, 1 << ((budget // (plan.prompt_columns + new)).bit_length() - 1))
     columns = plan.prompt_columns + new
+    rows = micro_batches.rows_per_device(budget, columns)
     rl = update.preset(config.rl.algorithm, logprob_chunk=_chunk(config), remat=bool(config.rl.remat),
                        kl_coef=float(config.rl.get("kl_coef", 0.01)))
     learner = update.Learner(shapes, rl, trainable=lora.trainable_filter(lora.LoRAConfig(rank=int(config.lora.rank))))
-    spec = lambda shape, dt=np.int32: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
-    batch = RolloutBatch(input_ids=spec((rows, columns)), attention_mask=spec((rows, columns)),
-                         position_ids=spec((3, rows, columns)), response_mask=spec((rows, new)),
-                         advantages=spec((rows,), np.float32), old_logprobs=spec((rows, new), np.float32),
-                         ref_logprobs=spec((rows, new), np.float32))
-    totals = {k: spec((), np.float32) for k in ("tokens", "rows", "num_micro", "max_len")}
     acc = jax.eval_shape(learner._zero_acc, learner.state.params)
-    analysis = learner._accumulate.lower(acc, learner.state.params, learner.frozen, batch, totals).compile() \
+    analysis = learner._accumulate.lower(acc, learner.state.params, learner.frozen,
+                                         abstract_batch(rows, columns, new), update.abstract_totals()).compile() \
         .memory_analysis()
     ours = update_activation_bytes(model.text, rows, columns, new, _chunk(config),
                                    _DTYPE_BYTES[config.model.dtype], bool(config.rl.remat))

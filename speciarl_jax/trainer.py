@@ -39,12 +39,13 @@ from .metric_writers import MetricWriter, summary_line
 from .metrics import summarize
 from .models import lora
 from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained, set_attention_implementation
+from .models.qwen2_5_vl.layers import ATTENTION_IMPLEMENTATIONS
 from .models.qwen2_5_vl.tiny import TinySpec, make_tiny_checkpoint
 from .processing import Processor
 from .rewards import (best_prediction_rewards, inject_label_noise, parse_answer, static_rewards)
 from .rl import dapo
 from .rl.advantages import group_advantages
-from .rl.batch import make_rollout_batch, prompt_image_offsets, table_rows
+from .rl.batch import image_token_counts, make_rollout_batch, prompt_image_offsets, table_rows
 from .rl.update import Learner, RLConfig, preset
 from .sampling import Sampler
 from .stopping import StopFlags, TrainingInterrupted
@@ -166,8 +167,8 @@ def validate(config, process_count: int = 1) -> None:
         if rl.overlong_buffer and rl.overlong_buffer >= config.rollout.max_new_tokens:
             problems.append(f"rl.overlong_buffer {rl.overlong_buffer} must be below rollout.max_new_tokens "
                             f"{config.rollout.max_new_tokens} (DAPO shapes rewards over the last buffer tokens)")
-    if config.model.get("attention", "xla") not in ("xla", "cudnn"):
-        problems.append(f"model.attention must be 'xla' or 'cudnn', got {config.model.attention!r}")
+    if config.model.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
+        problems.append(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {config.model.attention!r}")
     if config.checkpoint_every < 1:
         problems.append(f"checkpoint_every must be >= 1 (steps), got {config.checkpoint_every}")
     if config.checkpoint_every_seconds < 0:
@@ -227,8 +228,8 @@ class Trainer:
 
         self.model_dir = prepare_model_dir(config, self.run_dir)
         # Refuse, before any weights load, a config whose rollout or update cannot fit the devices' memory.
-        self.memory_plan = plan.check_fits(config, Qwen25VLConfig.from_json(self.model_dir), len(self.mesh.devices.flat),
-                                           plan.device_memory_bytes(config))
+        self.memory_plan = plan.check_fits(config, Qwen25VLConfig.from_json(self.model_dir),
+                                           len(self.mesh.devices.flat), plan.device_memory_bytes(config))
         # Each process reads its share of every batch; multihost.gather_batch puts the batch back together.
         self.train_data_cfg = data_config(config.data, extra={
             "num_epochs": None, "batch_size": config.data.batch_size // jax.process_count()})
@@ -544,7 +545,7 @@ def merge_rollouts(pieces: list[Rollouts], pad_token_id: int, image_token_id: in
     features = None
     if pieces[0].image_features is not None:  # each table's image rows, in order, without their padding
         starts = np.cumsum([0] + [len(p.image_features) for p in pieces[:-1]])
-        used = [image_token_count(p.prompts.input_ids, image_token_id) for p in pieces]
+        used = [image_token_counts(p.prompts.input_ids, image_token_id).sum() for p in pieces]
         features = table_rows([p.image_features for p in pieces],
                               np.concatenate([s + np.arange(n) for s, n in zip(starts, used)]))
     offsets = np.cumsum([0] + [len(p.prompts.labels) for p in pieces[:-1]])
@@ -561,10 +562,6 @@ def merge_rollouts(pieces: list[Rollouts], pad_token_id: int, image_token_id: in
     )
 
 
-def image_token_count(input_ids, image_token_id: int) -> int:
-    return int((np.asarray(input_ids) == image_token_id).sum())
-
-
 def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_token_id: int) -> Rollouts:
     """The rollouts of the chosen prompt groups (DAPO's dynamic sampling), renumbered from 0."""
     rows = np.concatenate([np.arange(g * num_samples, (g + 1) * num_samples) for g in groups])
@@ -572,7 +569,7 @@ def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_to
     features = None
     if batch.image_features is not None:
         starts = prompt_image_offsets(batch.prompts.input_ids, image_token_id)
-        counts = (np.asarray(batch.prompts.input_ids) == image_token_id).sum(1)
+        counts = image_token_counts(batch.prompts.input_ids, image_token_id)
         features = table_rows(batch.image_features, np.concatenate([starts[g] + np.arange(counts[g]) for g in groups]))
     return Rollouts(prompts, batch.tokens[rows], batch.response_mask[rows], batch.lengths[rows], features,
                     [batch.texts[r] for r in rows], [batch.categories[r] for r in rows], batch.rewards[rows],

@@ -12,7 +12,7 @@ from speciarl_jax import plan
 from speciarl_jax.models import lora
 from speciarl_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, TextConfig, VisionConfig
 from speciarl_jax.rl import update
-from speciarl_jax.rl.batch import RolloutBatch
+from speciarl_jax.rl.batch import abstract_batch
 
 
 def small_model_config(tie=False):
@@ -53,15 +53,10 @@ def test_activation_estimate_is_near_xla_buffer_assignment(rows, prompt, respons
     model = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
     lora.apply_lora(model, lora.LoRAConfig(rank=4))
     learner = update.Learner(model, update.preset("grpo", remat=remat, micro_batch_tokens=4096))
-    spec = lambda shape, dt=np.int32: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     columns = prompt + response
-    batch = RolloutBatch(input_ids=spec((rows, columns)), attention_mask=spec((rows, columns)),
-                         position_ids=spec((3, rows, columns)), response_mask=spec((rows, response)),
-                         advantages=spec((rows,), np.float32), old_logprobs=spec((rows, response), np.float32),
-                         ref_logprobs=spec((rows, response), np.float32))
-    totals = {k: spec((), np.float32) for k in ("tokens", "rows", "num_micro", "max_len")}
     acc = jax.eval_shape(learner._zero_acc, learner.state.params)
-    xla = learner._accumulate.lower(acc, learner.state.params, learner.frozen, batch, totals).compile()
+    xla = learner._accumulate.lower(acc, learner.state.params, learner.frozen, abstract_batch(rows, columns, response),
+                                    update.abstract_totals()).compile()
     xla = xla.memory_analysis().temp_size_in_bytes
     ours = plan.update_activation_bytes(config.text, rows, columns, response, 512, 4, remat=remat, chunk_tokens=2048)
     assert 0.67 < ours / xla < 1.5, (ours, xla)

@@ -243,7 +243,7 @@ def test_remat_keeps_gradients_and_holds_one_layer_of_activations(tiny_checkpoin
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
     from speciarl_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
-    from speciarl_jax.rl.batch import RolloutBatch
+    from speciarl_jax.rl.batch import abstract_batch
 
     text = TextConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(16, 8, 8))
@@ -251,17 +251,14 @@ def test_remat_keeps_gradients_and_holds_one_layer_of_activations(tiny_checkpoin
                                                            out_hidden_size=256, fullatt_block_indexes=(0,)),
                             image_token_id=1000, video_token_id=1001, vision_start_token_id=1002,
                             vision_end_token_id=1003, bos_token_id=0, eos_token_id=1, pad_token_id=0)
-    spec = lambda shape, dt=np.int32: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
-    shapes = RolloutBatch(input_ids=spec((8, 512)), attention_mask=spec((8, 512)), position_ids=spec((3, 8, 512)),
-                          response_mask=spec((8, 64)), advantages=spec((8,), np.float32),
-                          old_logprobs=spec((8, 64), np.float32), ref_logprobs=spec((8, 64), np.float32))
+    shapes = abstract_batch(8, 512, 64)
     temporaries = {}
     for remat in (True, False):
         model = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
         lora.apply_lora(model, lora.LoRAConfig(rank=4))
         learner = update.Learner(model, update.preset("grpo", remat=remat, micro_batch_tokens=4096))
-        abstract_totals = {k: spec((), np.float32) for k in totals}
         acc = jax.eval_shape(learner._zero_acc, learner.state.params)
-        compiled = learner._accumulate.lower(acc, learner.state.params, learner.frozen, shapes, abstract_totals).compile()
+        compiled = learner._accumulate.lower(acc, learner.state.params, learner.frozen, shapes,
+                                             update.abstract_totals()).compile()
         temporaries[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temporaries[True] * 5 < temporaries[False], temporaries

@@ -59,10 +59,15 @@ ROW_AXES = {
 }
 
 
+def image_token_counts(prompt_ids, image_token_id: int) -> np.ndarray:
+    """[P]: how many image tokens (feature-table rows) each prompt holds."""
+    return (np.asarray(prompt_ids) == image_token_id).sum(axis=1)
+
+
 def prompt_image_offsets(prompt_ids, image_token_id: int, num_samples: int = 1) -> np.ndarray:
     """[P * num_samples] int32: the first feature-table row of each rollout's images, for a table that lists
     the prompts' image features in prompt order (as `model.encode_images` returns them for the prompt batch)."""
-    counts = (np.asarray(prompt_ids) == image_token_id).sum(axis=1)
+    counts = image_token_counts(prompt_ids, image_token_id)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
     return np.repeat(starts, num_samples)
 
@@ -117,6 +122,16 @@ def make_rollout_batch(config, prompts: dict, responses, response_mask, advantag
         image_features=image_features,
         image_offsets=prompt_image_offsets(prompt_ids, config.image_token_id, num_samples) if has_images else None,
     )
+
+
+def abstract_batch(rows: int, columns: int, response: int) -> RolloutBatch:
+    """Shapes only (jax.ShapeDtypeStruct) of a batch with old and reference log-probabilities, no images: for
+    compiling the update from shapes (memory analysis) without any data."""
+    spec = lambda shape, dtype=np.int32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    return RolloutBatch(input_ids=spec((rows, columns)), attention_mask=spec((rows, columns)),
+                        position_ids=spec((3, rows, columns)), response_mask=spec((rows, response)),
+                        advantages=spec((rows,), np.float32), old_logprobs=spec((rows, response), np.float32),
+                        ref_logprobs=spec((rows, response), np.float32))
 
 
 def check_batch(batch: RolloutBatch) -> None:

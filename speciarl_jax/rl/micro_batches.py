@@ -36,6 +36,19 @@ def response_width(longest: int, columns: int) -> int:
     return min(columns, max(MIN_RESPONSE_WIDTH, buckets.power_of_two(max(longest, 1))))
 
 
+def widths(response_columns: int) -> list[int]:
+    """Every response width a micro-batch can take: powers of two from MIN_RESPONSE_WIDTH, capped at the batch's."""
+    out = [min(MIN_RESPONSE_WIDTH, response_columns)]
+    while out[-1] < response_columns:
+        out.append(min(out[-1] * 2, response_columns))
+    return out
+
+
+def rows_per_device(token_budget: int, columns: int) -> int:
+    """Rows of `columns` tokens one device runs within `token_budget`: a power of two, at least one."""
+    return 1 << (max(1, token_budget // columns).bit_length() - 1)
+
+
 def plan(response_lengths, prompt_columns: int, response_columns: int, *, token_budget: int, shards: int = 1,
          max_rows: int | None = None) -> list[MicroBatch]:
     """Split rows (indices 0..B-1 of the batch) into micro-batches, longest responses first.
@@ -49,8 +62,7 @@ def plan(response_lengths, prompt_columns: int, response_columns: int, *, token_
     out, start = [], 0
     while start < len(order):
         width = response_width(int(lengths[order[start]]), response_columns)
-        per_device = max(1, token_budget // (prompt_columns + width))
-        rows = shards * (1 << (per_device.bit_length() - 1))  # a power of two per device
+        rows = shards * rows_per_device(token_budget, prompt_columns + width)
         if max_rows:
             rows = max(shards, min(rows, buckets.round_up(max_rows, shards)))
         left = -(-(len(order) - start) // shards)

@@ -30,9 +30,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .. import parallel
+from .. import buckets, parallel
 from ..models import lora
-from .. import buckets
 from . import losses, micro_batches
 from .batch import RolloutBatch, check_batch, to_device
 from .logprobs import response_logprobs
@@ -348,6 +347,14 @@ def bucketed_chunk(config: RLConfig, rows: int, shards: int = 1) -> int:
     return max(1, config.logprob_chunk_tokens // max(1, rows // shards))
 
 
+# The mini-batch scalars `make_accumulate_step` reads (see there).
+TOTALS = ("tokens", "rows", "num_micro", "max_len")
+
+
+def abstract_totals() -> dict:
+    return {k: jax.ShapeDtypeStruct((), np.float32) for k in TOTALS}
+
+
 def make_accumulate_step(graphdef, config: RLConfig, shards: int = 1):
     """A pure function (acc, params, frozen, micro_batch, totals) -> acc + (gradients, metrics) of the micro-batch.
 
@@ -386,10 +393,11 @@ def make_rows_logprobs(graphdef, config: RLConfig, shards: int = 1):
 
     def logprobs(params, frozen, batch: RolloutBatch, use_adapters: bool = True):
         model = nnx.merge(graphdef, params, frozen, copy=True)
+        chunk = bucketed_chunk(config, batch.num_rows, shards)
         if use_adapters:
-            return response_logprobs(model, batch, bucketed_chunk(config, batch.num_rows, shards))[0]
+            return response_logprobs(model, batch, chunk)[0]
         with lora.adapters_disabled(model):
-            return response_logprobs(model, batch, bucketed_chunk(config, batch.num_rows, shards))[0]
+            return response_logprobs(model, batch, chunk)[0]
 
     return logprobs
 
@@ -462,18 +470,19 @@ class Learner:
         self._logprob_step = jax.jit(make_logprob_step(self.graphdef, config, mesh), static_argnums=(3,),
                                      compiler_options=compiler_options)
         # The bucketed path: one program per micro-batch shape, gradients accumulated in place.
+        shards = parallel.batch_shards(mesh)
         replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         acc_shardings = None if mesh is None else (
             state_shardings.params, {k: replicated for k in metric_names(config)})
         self._zero_acc = jax.jit(
             lambda params: (jax.tree.map(jnp.zeros_like, params), {k: jnp.float32(0) for k in metric_names(config)}),
             out_shardings=acc_shardings)
-        self._accumulate = jax.jit(make_accumulate_step(self.graphdef, config, parallel.batch_shards(mesh)), donate_argnums=(0,),
+        self._accumulate = jax.jit(make_accumulate_step(self.graphdef, config, shards), donate_argnums=(0,),
                                    out_shardings=acc_shardings, compiler_options=compiler_options)
         self._apply = jax.jit(make_apply_step(self.tx), donate_argnums=(0,),
                               out_shardings=(state_shardings, None) if mesh is not None else None,
                               compiler_options=compiler_options)
-        self._rows_logprobs = jax.jit(make_rows_logprobs(self.graphdef, config, parallel.batch_shards(mesh)), static_argnums=(3,),
+        self._rows_logprobs = jax.jit(make_rows_logprobs(self.graphdef, config, shards), static_argnums=(3,),
                                       compiler_options=compiler_options)
 
     # -- pure functions, for callers that keep their own state --

@@ -185,7 +185,7 @@ class Sampler:
         real = attention_mask.sum(axis=1)
 
         # Buckets: pad rows (all-padding prompts) and left-pad columns.
-        shards = self._batch_shards()
+        shards = parallel.batch_shards(self.mesh)
         rows = buckets.round_up(buckets.power_of_two(batch), shards)
         length, cache_length = self.cache_slots(input_ids.shape[1], max_new_tokens)
         pad_rows, pad_cols = rows - batch, length - input_ids.shape[1]
@@ -265,11 +265,6 @@ class Sampler:
                 pixels[part], packing.window[part], packing.frame[part], packing.angles[part],
                 rows[first * length // unit: first * length // unit + units])))
         return table
-
-    def _batch_shards(self) -> int:
-        if self.mesh is None:
-            return 1
-        return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
 
     def _shard(self, *arrays, axis):
         if self.mesh is None:
