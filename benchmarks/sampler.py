@@ -16,9 +16,19 @@ with the model's weights, in XLA and in torch (the faster counts). Attention, no
 out, so no exact decoder doing the same float32 arithmetic can beat it; `ceiling` is transformers' time over the
 floor: the best ratio reachable here. (With the --quick model, fixed per-call costs outweigh the arithmetic and
 the floor means little.)
+`--rl` runs a workload shaped like RL rollouts instead: P prompts x S samples, greedy, answers whose lengths spread
+from a few tokens to the cap. Nobody picks the lengths: the static sampler first decodes every prompt to the cap
+with no end token, then a set of end tokens is chosen from those trajectories, one token at a time, to bring the
+row lengths closest to a log-uniform spread between 1 and the cap (printed as a histogram). The same call then runs
+on the rollout engine (continuous batching), the static sampler and transformers' generate, and the table gives
+wall time, useful tokens/s (the tokens of the answers, end token included), whether the tokens are the same, the
+KV-cache bytes each holds at its peak, and a floor: the decoding steps' weight products for the useful tokens
+alone (batched like the engine's slots), with the faster prefill added.
 Run:
     python benchmarks/sampler.py                 # ~35M-parameter model, batch 1 / 32 / 128, 64 new tokens
     python benchmarks/sampler.py --quick         # small model, fewer cases (a smoke run)
+    python benchmarks/sampler.py --rl            # RL workload: 64 prompts x 8 samples, up to 512 new tokens
+    python benchmarks/sampler.py --rl --quick --rl-shape 8x4 --rl-max-new 64   # its smoke run
 """
 
 from __future__ import annotations
@@ -40,12 +50,50 @@ def build(folder: str, quick: bool):
     return make_tiny_checkpoint(folder, spec)
 
 
-def prompts(processor, batch: int):
+def prompts(processor, batch: int, sizes=((56, 56),)):
     rng = np.random.default_rng(0)
     questions = ["What is this?", "Name the species in the picture.", "Which kind of shape is it, exactly?"]
     texts = [processor.chat_prompt(questions[i % 3], 1) for i in range(batch)]
-    images = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(batch)]
+    images = [rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8) for i in range(batch)]
     return processor(texts, images=images)
+
+
+def first_hits(trajectories, end_tokens, cap: int) -> np.ndarray:
+    """Row lengths if `end_tokens` ended the rows: the first position holding one of them, plus one (else cap)."""
+    hit = np.isin(trajectories, list(end_tokens))
+    return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, cap)
+
+
+def choose_end_tokens(trajectories, cap: int, max_tokens: int = 24) -> tuple[list[int], np.ndarray]:
+    """End tokens that spread the row lengths of these greedy trajectories [rows, cap] most evenly in log-length
+    between 1 and cap (smallest Kolmogorov distance to that), added one at a time while the distance falls."""
+    grid = np.arange(1, cap + 1)
+    target = np.log(grid) / np.log(cap)
+
+    def distance(lengths):
+        return np.abs(np.searchsorted(np.sort(lengths), grid, side="right") / len(lengths) - target).max()
+
+    candidates = np.unique(trajectories)
+    ends = np.stack([first_hits(trajectories, [t], cap) for t in candidates])  # [candidates, rows]
+    chosen, lengths = [], np.full(len(trajectories), cap)
+    best = distance(lengths)
+    while len(chosen) < max_tokens:
+        scores = [distance(np.minimum(lengths, e)) for e in ends]
+        i = int(np.argmin(scores))
+        if scores[i] >= best:
+            break
+        chosen.append(int(candidates[i]))
+        lengths, best = np.minimum(lengths, ends[i]), scores[i]
+    return chosen, lengths
+
+
+def histogram(lengths, cap: int) -> str:
+    edges = [1, 2, 5, 9, 17, 33, 65, 129, 257, 513, 1025, 2049]
+    edges = [e for e in edges if e <= cap] + [cap, cap + 1]
+    edges = sorted(set(edges))
+    counts = np.histogram(lengths, bins=edges)[0]
+    labels = [f"{a}-{b - 1}" if b - 1 > a else f"{a}" for a, b in zip(edges[:-1], edges[1:])]
+    return "  ".join(f"{label}: {c}" for label, c in zip(labels, counts))
 
 
 def ours_runner(model, batch, new, eos, samples=1):
@@ -162,6 +210,105 @@ def torch_products_runner(layers, head, rows, steps):
     return run
 
 
+def repeat_prompts(batch, n: int) -> dict:
+    """The batch with every prompt (and its images) repeated n times in a row, as transformers' greedy generate
+    needs them for n rows per prompt."""
+    grids = batch["image_grid_thw"]
+    starts = np.concatenate([[0], np.cumsum(grids.prod(axis=1))])
+    images = [batch["pixel_values"][a:b] for a, b in zip(starts[:-1], starts[1:])]  # one image per prompt here
+    return dict(input_ids=np.repeat(batch["input_ids"], n, 0), attention_mask=np.repeat(batch["attention_mask"], n, 0),
+                mm_token_type_ids=np.repeat(batch["mm_token_type_ids"], n, 0),  # transformers' image positions need it
+                pixel_values=np.concatenate([im for im in images for _ in range(n)]),
+                image_grid_thw=np.repeat(grids, n, 0))
+
+
+def rl_workload(args):
+    import jax
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from speciarl_jax.models.qwen2_5_vl import from_pretrained
+    from speciarl_jax.processing import Processor
+    from speciarl_jax.sampling import RolloutEngine, Sampler
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    folder = build(tempfile.mkdtemp(prefix="sampler_bench_"), args.quick)
+    model = from_pretrained(folder)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = Processor.from_pretrained(folder)
+    num_prompts, samples = (int(v) for v in (args.rl_shape or "64x8").split("x"))
+    cap, rows = args.rl_max_new, num_prompts * samples
+    batch = prompts(processor, num_prompts, sizes=((56, 56), (84, 56), (56, 112), (112, 84)))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    print(f"model: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, CPU, float32, greedy; "
+          f"{num_prompts} prompts x {samples} samples, up to {cap} new tokens, engine with {args.slots} slots")
+
+    # The workload: end tokens chosen from the greedy trajectories (the samples of a prompt are alike).
+    start = time.perf_counter()
+    never = model.config.text.vocab_size - 1
+    static = Sampler()
+    trajectories = static.generate(model, **inputs, max_new_tokens=cap, temperature=0.0, eos_token_ids=[never]).tokens
+    ends, lengths = choose_end_tokens(trajectories, cap)
+    lengths = np.repeat(lengths, samples)
+    print(f"end tokens {ends} (chosen in {time.perf_counter() - start:.0f} s); row lengths: mean {lengths.mean():.0f}, "
+          f"median {np.median(lengths):.0f}, {np.mean(lengths == cap):.0%} at the cap")
+    print(f"  histogram  {histogram(lengths, cap)}")
+    kw = dict(max_new_tokens=cap, temperature=0.0, num_samples=samples, eos_token_ids=ends)
+
+    def timed(fn):
+        begin = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - begin, out
+
+    engine = RolloutEngine(slots=args.slots, chunk_steps=args.chunk_steps)
+    first, _ = timed(lambda: engine.generate(model, **inputs, **kw))  # compiles every program the call meets
+    engine_s, engine_out = timed(lambda: engine.generate(model, **inputs, **kw))
+    stats, programs, engine_kv = engine.stats, engine.compilations, engine.last_kv_bytes
+    # The static sampler's decode program, compiled by a call whose rows all end at their first token (as many
+    # end tokens as the workload's, so the program is the same).
+    firsts = sorted(set(trajectories[:, 0].tolist()))
+    warm = firsts + [t for t in ends if t not in firsts][:max(0, len(ends) - len(firsts))]
+    static.generate(model, **inputs, **dict(kw, eos_token_ids=warm))
+    static_s, static_out = timed(lambda: static.generate(model, **inputs, **kw))
+    expanded = {k: torch.from_numpy(v) for k, v in repeat_prompts(batch, samples).items()}
+    expanded = {k: (v if k == "pixel_values" else v.long()) for k, v in expanded.items()}
+    with torch.no_grad():
+        hf_s, hf_out = timed(lambda: hf.generate(**expanded, max_new_tokens=cap, do_sample=False, eos_token_id=ends,
+                                                 pad_token_id=0))
+    hf_tokens = hf_out[:, batch["input_ids"].shape[1]:].numpy()
+    useful = int(engine_out.lengths.sum())
+
+    # Floor: the weight products of the useful tokens in batches of the engine's slots, plus the faster prefill.
+    prefill = min(timed(lambda: engine.generate(model, **inputs, **dict(kw, max_new_tokens=1)))[0] for _ in range(2))
+    layers, head = _text_weights(model)
+    slots = min(args.slots, rows)
+    steps = -(-useful // slots)
+    products = [runner(layers, head, slots, steps) for runner in (xla_products_runner, torch_products_runner)]
+    floor = prefill + min(run() for run in products for _ in range(2))
+
+    def same(tokens, lengths):
+        match = [np.array_equal(tokens[r, :n], engine_out.tokens[r, :n]) for r, n in enumerate(lengths)]
+        return f"{np.mean(match):.1%}"
+
+    token_bytes = model.config.text.num_hidden_layers * 2 * model.config.text.num_key_value_heads * \
+        model.config.text.head_dim * 4
+    hf_kv = rows * (batch["input_ids"].shape[1] + hf_tokens.shape[1]) * token_bytes
+    print(f"engine: {stats.chunks} chunks, {stats.prefills} prefills, {stats.moves} slots moved; decoding ran "
+          f"{stats.slot_steps} slot-steps for {stats.row_steps} tokens ({stats.row_steps / stats.slot_steps:.0%} "
+          f"useful); compile {first - engine_s:.1f} s; {programs} programs")
+    print(f"{'':>14} {'seconds':>8} {'useful tok/s':>12} {'speed-up':>8} {'KV MB':>8} {'KV share':>8} "
+          f"{'same rows':>9}")
+    rows_out = [("engine", engine_s, engine_kv, "-"),
+                ("static", static_s, static.last_kv_bytes, same(static_out.tokens, engine_out.lengths)),
+                ("transformers", hf_s, hf_kv, same(hf_tokens, engine_out.lengths)),
+                ("floor", floor, None, "")]
+    for name, seconds, kv, match in rows_out:
+        kv_cols = f"{kv / 2**20:>8.1f} {kv / static.last_kv_bytes:>8.2f}" if kv else f"{'':>8} {'':>8}"
+        print(f"{name:>14} {seconds:>8.2f} {useful / seconds:>12.0f} {static_s / seconds:>8.2f} {kv_cols} {match:>9}",
+              flush=True)
+    assert np.array_equal(engine_out.lengths, lengths), "the engine's lengths differ from the chosen workload"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -170,7 +317,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side and case (the best counts)")
     parser.add_argument("--rl-shape", default="4x8", help="PROMPTSxSAMPLES: an extra case shaped like RL rollouts, "
                         "several samples per prompt at temperature 1 ('' to skip)")
+    parser.add_argument("--rl", action="store_true", help="the RL workload (see the module's text)")
+    parser.add_argument("--rl-max-new", type=int, default=512, help="--rl: the cap on new tokens")
+    parser.add_argument("--slots", type=int, default=128, help="--rl: the engine's decode slots")
+    parser.add_argument("--chunk-steps", type=int, default=16, help="--rl: the engine's steps per chunk")
     args = parser.parse_args()
+    if args.rl:
+        if args.rl_shape == parser.get_default("rl_shape"):
+            args.rl_shape = "64x8"
+        return rl_workload(args)
 
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration

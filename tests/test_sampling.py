@@ -126,7 +126,7 @@ def test_reproducible_from_the_key(model, prompts):
 def test_sampling_frequencies_match_the_distribution(params):
     logits = jnp.log(jnp.array([0.35, 0.25, 0.15, 0.1, 0.08, 0.05, 0.02]))
     draws = 40_000
-    tokens, logp, _ = choose_tokens(jnp.tile(logits, (draws, 1)), jax.random.key(0), params)
+    tokens, logp, _ = choose_tokens(jnp.tile(logits, (draws, 1)), jax.random.split(jax.random.key(0), draws), params)
     # Expected distribution, derived by hand from the definitions.
     p = np.exp(np.asarray(logits) / params.temperature)
     p /= p.sum()

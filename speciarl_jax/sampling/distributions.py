@@ -49,16 +49,22 @@ def sampling_logits(logits, params: SamplingParams):
     return logits
 
 
-def choose_tokens(logits, rng, params: SamplingParams):
-    """Pick one token per row. Returns (tokens [N], log-prob under the sampling distribution [N],
-    log-prob under the raw policy [N])."""
+def row_keys(rng, rows, steps):
+    """One key per (row, token index): the draw of a row's t-th token depends on nothing else, so the
+    rollouts of a call do not depend on how its rows were batched, placed in slots or split over devices."""
+    return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(rng, r), t))(rows, steps)
+
+
+def choose_tokens(logits, keys, params: SamplingParams):
+    """Pick one token per row, row i drawing with keys[i] (see `row_keys`). Returns (tokens [N], log-prob under
+    the sampling distribution [N], log-prob under the raw policy [N])."""
     policy_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     if params.greedy:
         tokens = jnp.argmax(logits, axis=-1)
         sample_logp = jnp.zeros(tokens.shape, jnp.float32)  # a deterministic choice has probability 1
     else:
         filtered = sampling_logits(logits, params)
-        tokens = jax.random.categorical(rng, filtered, axis=-1)
+        tokens = jax.vmap(jax.random.categorical)(keys, filtered)
         sample_logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
     raw = jnp.take_along_axis(policy_logp, tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), sample_logp, raw

@@ -23,7 +23,7 @@ from flax import nnx
 from .. import buckets, parallel
 from ..models.qwen2_5_vl.rope import get_position_ids
 from ..models.qwen2_5_vl.vision import pack_images
-from .distributions import SamplingParams, choose_tokens
+from .distributions import SamplingParams, choose_tokens, row_keys
 
 
 @dataclasses.dataclass
@@ -72,6 +72,7 @@ class Sampler:
         self.high_water = buckets.HighWater()  # sizes that follow the data never shrink back (see buckets)
         self.mesh = mesh
         self.compilations = 0
+        self.last_kv_bytes = 0  # KV cache bytes the last call held at its peak
         self._encode = jax.jit(self._encode_impl, static_argnums=(0,), donate_argnums=(2,))
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(0, 6, 7))
         # The prefill's cache is handed over to the loop, which updates it in place.
@@ -110,7 +111,8 @@ class Sampler:
         def choose(s):
             """Sample column `step` from the current logits and record it (pad and zeros on finished rows)."""
             step = s["step"]
-            token, logp, raw = choose_tokens(s["logits"], jax.random.fold_in(rng, step), params)
+            keys = row_keys(rng, jnp.arange(rows), jnp.full((rows,), step))  # rows are prompt-major
+            token, logp, raw = choose_tokens(s["logits"], keys, params)
             live = ~s["done"]
             token = jnp.where(live, token, pad_id)
             return live, token, dict(
@@ -161,24 +163,10 @@ class Sampler:
                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  num_samples: int = 1, eos_token_ids=None, rng=None, pad_token_id: int | None = None,
                  ) -> SampleOutput:
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        input_ids, attention_mask, params, eos, pad_id, rng = check_request(
+            model.config, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, num_samples,
+            eos_token_ids, rng, pad_token_id)
         config = model.config
-        input_ids = np.asarray(input_ids, np.int32)
-        attention_mask = np.asarray(attention_mask, np.int32)
-        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-            raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be [B, T].")
-        if (attention_mask[:, -1] == 0).any():
-            raise ValueError("Prompts must be left-padded (the last column is padding in some rows).")
-        if max_new_tokens < 1 or num_samples < 1:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) and num_samples ({num_samples}) must be >= 1.")
-        eos = tuple(config.eos_token_ids if eos_token_ids is None else np.atleast_1d(eos_token_ids).tolist())
-        if not eos:
-            raise ValueError("No end-of-sequence token: pass eos_token_ids or set eos_token_id in the config.")
-        if pad_token_id is None:
-            pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos[0]
-        pad_id = int(pad_token_id)
-        rng = jax.random.key(0) if rng is None else rng
-
         graphdef, state = nnx.split(model)
         batch = input_ids.shape[0]
         positions, deltas = get_position_ids(input_ids, attention_mask, image_grid_thw, config=config)
@@ -202,11 +190,13 @@ class Sampler:
         # Every sample of a prompt starts from that prompt's cache (repeated inside the prefill program).
         cache, last_logits = self._prefill(graphdef, state, *self._shard(ids, slots, positions, axis=(0, 0, 1)),
                                            image_features, cache_length, num_samples)
+        per_token = kv_token_bytes(model)
+        self.last_kv_bytes = per_token * cache_length * rows * (num_samples + (num_samples > 1))  # + the prefill's
         slots, next_position = np.repeat(slots, num_samples, 0), np.repeat(next_position, num_samples, 0)
         slots, next_position = self._shard(slots, next_position, axis=(0, 0))
         tokens, logprobs, policy_logprobs, lengths, _ = self._decode(
             graphdef, state, cache, slots, last_logits, next_position, jnp.int32(length), rng,
-            jax.device_put(np.asarray(eos, np.int32)), max_new_tokens, params, pad_id,
+            end_tokens(eos), max_new_tokens, params, pad_id,
         )
         keep = batch * num_samples
         lengths = parallel.to_host(lengths)[:keep]
@@ -275,6 +265,41 @@ class Sampler:
             names[ax] = "batch"
             out.append(jax.device_put(a, parallel.named_sharding(tuple(names), a.shape, self.mesh)))
         return tuple(out)
+
+
+def kv_token_bytes(model) -> int:
+    """Bytes of keys and values one token takes in the cache, over all layers."""
+    t = model.config.text
+    return t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * jnp.dtype(model.dtype).itemsize
+
+
+def end_tokens(eos) -> jax.Array:
+    """The end tokens as a device array padded (with its first) to a power of two of at least 8: the number of
+    end tokens does not change the programs' shapes."""
+    size = buckets.power_of_two(max(len(eos), 8))
+    return jax.device_put(np.asarray(list(eos) + [eos[0]] * (size - len(eos)), np.int32))
+
+
+def check_request(config, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, num_samples,
+                  eos_token_ids, rng, pad_token_id):
+    """The arguments of a generate call, checked and with defaults filled in:
+    (input_ids, attention_mask, sampling params, end tokens, pad id, rng)."""
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    input_ids = np.asarray(input_ids, np.int32)
+    attention_mask = np.asarray(attention_mask, np.int32)
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be [B, T].")
+    if (attention_mask[:, -1] == 0).any() or (np.diff(attention_mask, axis=1) < 0).any():
+        raise ValueError("Prompts must be left-padded (some row has padding after or between real tokens).")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and num_samples ({num_samples}) must be >= 1.")
+    eos = tuple(config.eos_token_ids if eos_token_ids is None else np.atleast_1d(eos_token_ids).tolist())
+    if not eos:
+        raise ValueError("No end-of-sequence token: pass eos_token_ids or set eos_token_id in the config.")
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos[0]
+    rng = jax.random.key(0) if rng is None else rng
+    return input_ids, attention_mask, params, eos, int(pad_token_id), rng
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ from flax import nnx, struct
 from .config import Qwen25VLConfig
 from .layers import ATTENTION_IMPLEMENTATIONS
 from .rope import get_position_ids, mrope_cos_sin
-from .text import Attention, TextModel
+from .text import Attention, SlotView, TextModel
 from .vision import VisionAttention, VisionTower
 
 
@@ -64,8 +64,9 @@ class Qwen25VL(nnx.Module):
         """[num_patches, patch_dim] -> [num_image_tokens, hidden]."""
         return self.visual(jnp.asarray(pixel_values), image_grid_thw)
 
-    def embed(self, input_ids, image_features=None):
-        """Token embeddings [B, T, D] with image features written into the image-token slots, in reading order."""
+    def embed(self, input_ids, image_features=None, feature_offset=0):
+        """Token embeddings [B, T, D] with image features written into the image-token slots, in reading order,
+        starting at row `feature_offset` of image_features (the rows of earlier prompts of a shared table)."""
         embeds = self.language_model.embed_tokens(input_ids)
         if image_features is None:
             return embeds
@@ -76,7 +77,7 @@ class Qwen25VL(nnx.Module):
                 f"The prompts hold {int(is_image.sum())} image tokens but the images give only "
                 f"{image_features.shape[0]} features; each <|image_pad|> run must match its image grid."
             )
-        slot = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, image_features.shape[0] - 1)
+        slot = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1 + feature_offset, 0, image_features.shape[0] - 1)
         scattered = image_features[slot].reshape(embeds.shape).astype(embeds.dtype)
         return jnp.where(is_image[..., None], scattered, embeds)
 
@@ -109,6 +110,7 @@ class Qwen25VL(nnx.Module):
         position_ids=None,
         *,
         image_features=None,
+        feature_offset=0,
         cache: KVCache | None = None,
         cache_pos=0,
         compute_logits: bool = True,
@@ -118,7 +120,7 @@ class Qwen25VL(nnx.Module):
 
         input_ids [B, T]; attention_mask [B, T] without a cache, or [B, S] over the cache slots with one;
         pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] as the processor returns them
-        (or precomputed `image_features`); position_ids [3, B, T], computed from the token ids when omitted.
+        (or precomputed `image_features`, read from row `feature_offset` on); position_ids [3, B, T], computed from the token ids when omitted.
         With a cache, the T new tokens occupy slots cache_pos .. cache_pos + T - 1, and positions must be below the
         number of slots (true of the positions `get_position_ids` gives, continued by one per new token).
         """
@@ -138,7 +140,7 @@ class Qwen25VL(nnx.Module):
             if image_grid_thw is None:
                 raise ValueError("pixel_values were given without image_grid_thw.")
             image_features = self.encode_images(pixel_values, image_grid_thw)
-        x = self.embed(input_ids, image_features)
+        x = self.embed(input_ids, image_features, feature_offset)
         if cache is None:
             cos, sin = mrope_cos_sin(jnp.asarray(position_ids), self.config, dtype=jnp.float32)
         else:
@@ -149,6 +151,20 @@ class Qwen25VL(nnx.Module):
         hidden, cache = self.language_model(x, cos, sin, mask, cache, cache_pos)
         logits = self.logits(hidden) if compute_logits else None
         return ModelOutput(logits=logits, hidden_states=hidden, cache=cache)
+
+
+    def decode_slots(self, tokens, positions, cache: KVCache, view: SlotView, valid):
+        """One decoding step for rows whose caches live in shared slot buffers [S, ...] (the rollout engine).
+
+        tokens [R] (text) at rotary positions [R]; `view` says which buffer rows hold them, where each writes its
+        key and value, and how many columns attention reads; valid [R, window] marks the columns a row attends.
+        Returns float32 logits [R, vocab] and the updated buffers.
+        """
+        position_ids = jnp.broadcast_to(positions[None, :, None], (3, *tokens.shape, 1))
+        cos, sin = _rotary_lookup(position_ids, self.config, cache.keys[0].shape[-1])
+        x = self.embed(tokens[:, None])
+        hidden, cache = self.language_model(x, cos, sin, valid[:, None, :], cache, view)
+        return self.logits(hidden[:, 0]), cache
 
 
 def _rotary_lookup(position_ids, config, length: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -9,6 +11,33 @@ from flax import nnx
 from .config import TextConfig
 from .layers import GatedMLP, RMSNorm, attend, attend_cache, linear
 from .rope import apply_rotary
+
+
+class SlotView(NamedTuple):
+    """Where the rows of a one-token decoding step live in shared slot buffers (the rollout engine's cache).
+
+    The R rows are the first `active` of each of `shards` equal parts of the S buffer rows (each part stays on
+    its own devices); row r writes its new key and value at column `columns[r]` (dropped past the end) and
+    attends over the first `window` columns where the step's mask allows.
+    """
+
+    shards: int
+    active: int
+    window: int
+    columns: jax.Array
+
+    def slots(self, num_slots: int):
+        """Buffer rows of the view's rows [R]."""
+        per = num_slots // self.shards
+        return (jnp.arange(self.shards)[:, None] * per + jnp.arange(self.active)[None, :]).reshape(-1)
+
+    def read(self, buffer, column_axis: int):
+        """The view's rows and first `window` columns of a buffer [S, ...] (static slices)."""
+        parts = buffer.reshape(self.shards, buffer.shape[0] // self.shards, *buffer.shape[1:])
+        limits = [self.shards, self.active, *buffer.shape[1:]]
+        limits[column_axis + 1] = self.window
+        part = jax.lax.slice(parts, (0,) * parts.ndim, limits)
+        return part.reshape(self.shards * self.active, *part.shape[2:])
 
 
 class Attention(nnx.Module):
@@ -24,6 +53,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv=None, cache_pos=None):
         """x [B, T, D]; mask [B, T, S]; kv: this layer's cache (keys [B, K, hd, S], values [B, K, S, hd]) or None.
+        cache_pos: the first slot of the new tokens, or a SlotView for one-token steps in shared slot buffers.
 
         With a cache, the new keys and values are written at slots cache_pos .. cache_pos + T - 1
         and attention runs over the whole cache (over the new slots only when cache_pos is the int 0);
@@ -34,6 +64,8 @@ class Attention(nnx.Module):
         k = apply_rotary(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         scale = self.head_dim**-0.5
+        if isinstance(cache_pos, SlotView):
+            return self._slot_step(q, k, v, mask, kv, cache_pos, scale)
         if kv is None:
             return self.o_proj(attend(q, k, v, mask, scale=scale, implementation=self.implementation)), None
         keys = jax.lax.dynamic_update_slice(kv[0], jnp.transpose(k, (0, 2, 3, 1)).astype(kv[0].dtype),
@@ -48,6 +80,15 @@ class Attention(nnx.Module):
         else:
             out = attend_cache(q, keys.astype(q.dtype), values.astype(q.dtype), mask, scale=scale)
         return self.o_proj(out), kv
+
+    def _slot_step(self, q, k, v, mask, kv, view: SlotView, scale):
+        """One new token per row, its cache in rows of the shared slot buffers (see SlotView); mask [R, 1, window]."""
+        slots = view.slots(kv[0].shape[0])
+        keys = kv[0].at[slots, :, :, view.columns].set(k[:, 0].astype(kv[0].dtype), mode="drop")
+        values = kv[1].at[slots, :, view.columns, :].set(v[:, 0].astype(kv[1].dtype), mode="drop")
+        out = attend_cache(q, view.read(keys, 3).astype(q.dtype), view.read(values, 2).astype(q.dtype), mask,
+                           scale=scale)
+        return self.o_proj(out), (keys, values)
 
 
 class DecoderLayer(nnx.Module):
