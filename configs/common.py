@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.rollout = ml_collections.ConfigDict(dict(
         num_samples=10, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=2048, prompt_bucket=64,
+        # "continuous": the rollout engine (decode slots refilled as rows finish; KV memory = slots x (prompt +
+        # max_new_tokens), see speciarl_jax.plan); "static": every row of a step decoded together to the end.
+        engine="continuous", slots=256, chunk_steps=16,
+        precompile=True,  # the engine compiles every program it can meet in the first step, not when data first needs it
     ))
     c.reward = ml_collections.ConfigDict(dict(
         kind="speciarl",  # "speciarl" (best prediction) or "static"

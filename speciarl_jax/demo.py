@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     from speciarl_jax.models.qwen2_5_vl.tiny import make_tiny_checkpoint
     from speciarl_jax.processing import Processor
     from speciarl_jax.rewards import best_prediction_rewards, parse_answer
-    from speciarl_jax.sampling import Sampler
+    from speciarl_jax.sampling import RolloutEngine
     from speciarl_jax.verifier import Taxonomy, make_verifier
 
     timings = {}
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     batch = processor([prompt] * len(examples), images=[e.image for e in examples])
 
     start = time.perf_counter()
-    out = Sampler().generate(
+    out = RolloutEngine().generate(
         model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
         max_new_tokens=args.max_new_tokens, temperature=1.0, num_samples=args.samples,
         eos_token_ids=processor.eos_token_ids, rng=jax.random.key(args.seed),

@@ -380,7 +380,7 @@ class Completion:
 
 
 class QwenPredictor:
-    """Our Qwen2.5-VL with the rollout engine; one Sampler, so each shape bucket compiles once per run."""
+    """Our Qwen2.5-VL with the rollout engine; one engine, so each shape bucket compiles once per run."""
 
     def __init__(self, config):
         import jax
@@ -388,7 +388,7 @@ class QwenPredictor:
         from speciarl_jax import export, parallel
         from speciarl_jax.models import lora
         from speciarl_jax.processing import Processor
-        from speciarl_jax.sampling import Sampler
+        from speciarl_jax.sampling import RolloutEngine
 
         if jax.process_count() > 1:
             raise NotImplementedError("evaluation runs on one host; start it on a single machine")
@@ -405,7 +405,7 @@ class QwenPredictor:
         if "image_size" in image:
             image["image_size"] = tuple(image["image_size"])
         self.processor = Processor.from_pretrained(path, **image)
-        self.sampler = Sampler(mesh=mesh)
+        self.sampler = RolloutEngine(mesh=mesh)
         self.samples = samples_per_image(config)
 
     def batches(self, source, batch_size: int, dataset: str = "",

@@ -19,6 +19,7 @@ import os
 from . import buckets
 from .models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 from .rl import micro_batches
+from .sampling.engine import prefill_group, slot_count
 
 GiB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -128,6 +129,8 @@ class Plan:
     best_micro_batch_tokens: int | None
     prompt_columns: int
     notes: list[str]
+    slots: int | None = None  # the rollout engine's decode slots (None: the static sampler)
+    best_slots: int | None = None  # the most slots that fit
 
     @property
     def peak(self) -> float:
@@ -181,23 +184,41 @@ def make_plan(config, model: Qwen25VLConfig, layout: Layout, device_bytes: float
     new = int(config.rollout.max_new_tokens)
     rollout_rows = buckets.round_up(buckets.power_of_two(config.data.batch_size) * config.rollout.num_samples,
                                     layout.batch_shards)
-    rows_per_device = rollout_rows / layout.batch_shards
     kv_split = layout.tensor if t.num_key_value_heads % layout.tensor == 0 else 1
     kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * weight_bytes / kv_split
-    cache = rows_per_device * (buckets.round_up(prompt, 32) + new) * kv_per_token
-    rows_out["rollout KV cache"] = cache
-    rows_out["per-prompt cache the samples copy"] = cache / config.rollout.num_samples
-    prompts_per_device = max(1, buckets.power_of_two(config.data.batch_size) / layout.batch_shards)
-    prefill = update_activation_bytes(t, int(prompts_per_device), prompt, 1, 1, weight_bytes, remat=True,
+    samples = int(config.rollout.num_samples)
+    base = rows_out["weights (language + vision)"] + rows_out["trainable, gradients, Adam"]
+    slots = None
+    if config.rollout.get("engine", "continuous") == "continuous":
+        # Decode slots of (prompt + new) entries, and one prefill group's cache next to them.
+        slots = slot_count(rollout_rows, int(config.rollout.slots), samples, layout.batch_shards)
+        decoding = slots / layout.batch_shards
+        prefill_prompts = max(1, prefill_group(slots, samples) / layout.batch_shards)
+        cache = decoding * (prompt + new) * kv_per_token
+        rows_out[f"rollout KV cache ({slots} slots)"] = cache
+        rows_out["prefill group's cache"] = prefill_prompts * prompt * kv_per_token
+    else:
+        decoding = rollout_rows / layout.batch_shards
+        prefill_prompts = max(1, buckets.power_of_two(config.data.batch_size) / layout.batch_shards)
+        cache = decoding * (buckets.round_up(prompt, 32) + new) * kv_per_token
+        rows_out["rollout KV cache (every row)"] = cache
+        rows_out["per-prompt cache the samples copy"] = cache / samples
+    prefill = update_activation_bytes(t, int(prefill_prompts), prompt, 1, 1, weight_bytes, remat=True,
                                       tensor=layout.tensor) \
-        - t.num_hidden_layers * prompts_per_device * prompt * t.hidden_size * weight_bytes
+        - t.num_hidden_layers * prefill_prompts * prompt * t.hidden_size * weight_bytes
     rows_out["rollout prefill temporaries"] = prefill
-    rows_out["sampling logits"] = rows_per_device * t.vocab_size * 4 * 3 / layout.tensor
-    rollout = (rows_out["weights (language + vision)"] + rows_out["trainable, gradients, Adam"] + cache
-               + rows_out["per-prompt cache the samples copy"] + max(prefill, rows_out["sampling logits"]))
+    rows_out["sampling logits"] = decoding * t.vocab_size * 4 * 3 / layout.tensor
+    kv_rows = [v for k, v in rows_out.items() if k.startswith("rollout KV cache")] + \
+        [rows_out.get("prefill group's cache", 0), rows_out.get("per-prompt cache the samples copy", 0)]
+    rollout = base + sum(kv_rows) + max(prefill, rows_out["sampling logits"])
+    best_slots = None
+    if slots is not None:  # the most slots (a power of two per shard) the rollout phase has room for
+        per_slot = ((prompt + new) * kv_per_token + t.vocab_size * 4 * 3 / layout.tensor) / layout.batch_shards
+        room = SAFETY * device_bytes - (rollout - cache - rows_out["sampling logits"])
+        if room >= per_slot * layout.batch_shards:
+            best_slots = layout.batch_shards * buckets.power_of_two(int(room / per_slot / layout.batch_shards) + 1) // 2
 
     # ---- update ----
-    base = rows_out["weights (language + vision)"] + rows_out["trainable, gradients, Adam"]
     image_table = config.data.batch_size * image_tokens * t.hidden_size * weight_bytes  # replicated
     rows_out["update image-feature table"] = image_table
 
@@ -227,7 +248,7 @@ def make_plan(config, model: Qwen25VLConfig, layout: Layout, device_bytes: float
     for exponent in range(10, 21):  # 1k .. 1M tokens per device
         if update_bytes(1 << exponent) <= room:
             best = 1 << exponent
-    return Plan(device_bytes, rows_out, rollout, update, budget, best, prompt, notes)
+    return Plan(device_bytes, rows_out, rollout, update, budget, best, prompt, notes, slots, best_slots)
 
 
 def advice(plan: Plan) -> list[str]:
@@ -242,9 +263,16 @@ def advice(plan: Plan) -> list[str]:
             out.append(f"the update needs {plan.update / GiB:.1f} GiB per device even at 1k tokens per micro-batch: "
                        "use more devices (config.mesh), a smaller model, or lower data.max_pixels")
     if plan.rollout > usable:
-        out.append(f"the rollout needs {plan.rollout / GiB:.1f} GiB per device, {plan.rows['rollout KV cache'] / GiB:.1f} "
-                   "of it KV cache: lower data.batch_size or rollout.num_samples or rollout.max_new_tokens, or use "
-                   "more devices (config.mesh)")
+        kv = sum(v for k, v in plan.rows.items() if k.startswith("rollout KV cache"))
+        lead = f"the rollout needs {plan.rollout / GiB:.1f} GiB per device, {kv / GiB:.1f} of it KV cache: "
+        if plan.slots is None:
+            out.append(lead + "use the rollout engine (rollout.engine='continuous'), or lower data.batch_size or "
+                       "rollout.num_samples or rollout.max_new_tokens, or use more devices (config.mesh)")
+        elif plan.best_slots:
+            out.append(lead + f"set rollout.slots={plan.best_slots} (now {plan.slots})")
+        else:
+            out.append(lead + "even one slot per device does not fit: lower rollout.max_new_tokens or use more "
+                       "devices (config.mesh)")
     return out
 
 
@@ -318,6 +346,8 @@ def _main(argv):
     print(plan.table())
     print(f"rl.micro_batch_tokens: {plan.micro_batch_tokens or 'off'} configured; the largest that fits: "
           f"{plan.best_micro_batch_tokens or 'none'}")
+    if plan.slots is not None:
+        print(f"rollout.slots: {plan.slots} used (rollout engine); the most that fit: {plan.best_slots or 'none'}")
     for note in plan.notes:
         print("note:", note)
     print("FITS" if plan.fits else "DOES NOT FIT: " + "; ".join(advice(plan)))

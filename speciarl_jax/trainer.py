@@ -47,7 +47,7 @@ from .rl import dapo
 from .rl.advantages import group_advantages
 from .rl.batch import image_token_counts, make_rollout_batch, prompt_image_offsets, table_rows
 from .rl.update import Learner, RLConfig, preset
-from .sampling import Sampler
+from .sampling import ENGINES, make_sampler
 from .stopping import StopFlags, TrainingInterrupted
 from .verifier import Taxonomy, VerifierError, make_verifier
 
@@ -145,6 +145,11 @@ def validate(config, process_count: int = 1) -> None:
                             "equal share of every batch)")
     if config.rollout.num_samples < 1:
         problems.append(f"rollout.num_samples must be >= 1, got {config.rollout.num_samples}")
+    if config.rollout.get("engine", "continuous") not in ENGINES:
+        problems.append(f"rollout.engine must be one of {ENGINES}, got {config.rollout.engine!r}")
+    for key in ("slots", "chunk_steps"):
+        if config.rollout.get(key, 1) < 1:
+            problems.append(f"rollout.{key} must be >= 1, got {config.rollout[key]}")
     if config.data.batch_size < 1:
         problems.append(f"data.batch_size must be >= 1, got {config.data.batch_size}")
     rows = config.data.batch_size * config.rollout.num_samples
@@ -244,7 +249,10 @@ class Trainer:
         self.sft_dir = os.path.join(self.run_dir, "sft_model")
         self.sft_done = not config.sft.enabled or os.path.exists(os.path.join(self.sft_dir, "config.json"))
         self.build_policy(self.sft_dir if config.sft.enabled and self.sft_done else self.model_dir)
-        self.sampler = Sampler(prompt_bucket=config.rollout.prompt_bucket, mesh=self.mesh)
+        r = config.rollout
+        self.sampler = make_sampler(r.get("engine", "continuous"), slots=r.get("slots", 256),
+                                    chunk_steps=r.get("chunk_steps", 16), precompile=r.get("precompile", True),
+                                    prompt_bucket=r.prompt_bucket, mesh=self.mesh)
         self.sampler.expect_images(self.processor.max_patches_per_image)
         self.verifier = build_verifier(config)
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=config.keep_checkpoints,

@@ -62,17 +62,42 @@ def test_activation_estimate_is_near_xla_buffer_assignment(rows, prompt, respons
     assert 0.67 < ours / xla < 1.5, (ours, xla)
 
 
-@pytest.mark.parametrize("devices,fits", [("v5p-16", True), ("v6e-32", True), ("8xH100", True), ("4xH100", False)])
-def test_the_paper_config_plans_as_documented(devices, fits):
+@pytest.mark.parametrize("devices", ["v5p-16", "v6e-32", "8xH100", "4xH100"])
+def test_the_paper_step_fits_with_the_rollout_engine(devices):
     config = cub_grpo()
     count, memory = plan.parse_devices(devices)
     model = plan.model_config("7b")
     result = plan.plan_for_run(config, model, count, memory * plan.GiB, plan.max_patches_of(config, model))
-    assert result.fits == fits
-    # The 7B's KV cache: 28 layers x 2 x 4 heads x 128 x 2 bytes per token, 2,560 rows of (448 + 2,048) slots.
-    assert result.rows["rollout KV cache"] == pytest.approx(2560 * (448 + 2048) * 57344 / count)
+    assert result.fits and result.slots == 256
+    # The 7B's KV cache: 28 layers x 2 x 4 heads x 128 x 2 bytes per token; 256 slots of 448 + 2,048 entries.
+    assert result.rows["rollout KV cache (256 slots)"] == pytest.approx(256 * (448 + 2048) * 57344 / count)
+    assert result.best_slots >= 256
+
+
+@pytest.mark.parametrize("devices,fits", [("v5p-16", True), ("v6e-32", True), ("8xH100", True), ("4xH100", False)])
+def test_the_paper_step_on_the_static_sampler(devices, fits):
+    config = cub_grpo()
+    config.rollout.engine = "static"
+    count, memory = plan.parse_devices(devices)
+    model = plan.model_config("7b")
+    result = plan.plan_for_run(config, model, count, memory * plan.GiB, plan.max_patches_of(config, model))
+    assert result.fits == fits and result.slots is None
+    # Every one of the 2,560 rows holds (448 + 2,048) entries.
+    assert result.rows["rollout KV cache (every row)"] == pytest.approx(2560 * (448 + 2048) * 57344 / count)
     if not fits:
-        assert "rollout.max_new_tokens" in " ".join(plan.advice(result))
+        assert "rollout.engine='continuous'" in " ".join(plan.advice(result))
+
+
+def test_too_many_slots_are_refused_with_the_count_that_fits():
+    config = cub_grpo()
+    config.rollout.slots = 4096
+    count, memory = plan.parse_devices("4xH100")
+    model = plan.model_config("7b")
+    result = plan.plan_for_run(config, model, count, memory * plan.GiB, plan.max_patches_of(config, model))
+    assert not result.fits and result.best_slots == 1024
+    assert "rollout.slots=1024 (now 4096)" in " ".join(plan.advice(result))
+    config.rollout.slots = result.best_slots
+    assert plan.plan_for_run(config, model, count, memory * plan.GiB, plan.max_patches_of(config, model)).fits
 
 
 def test_trainer_refuses_a_config_that_cannot_fit_before_loading_weights(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Rollout engine: batched multimodal sampling with a KV cache."""
 
 from .distributions import SamplingParams, choose_tokens, row_keys, sampling_logits
-from .engine import RolloutEngine
+from .engine import ENGINES, RolloutEngine, make_sampler
 from .sampler import SampleOutput, Sampler, generate
 
-__all__ = ["generate", "RolloutEngine", "Sampler", "SampleOutput", "SamplingParams", "choose_tokens", "row_keys",
+__all__ = ["ENGINES", "make_sampler", "generate", "RolloutEngine", "Sampler", "SampleOutput", "SamplingParams", "choose_tokens", "row_keys",
            "sampling_logits"]

@@ -58,12 +58,16 @@ class RolloutEngine(Sampler):
       slots: decode slots, rows decoded together. A call with fewer rows uses the power of two that holds them
         (at least `num_samples`); the count only grows over a run (one set of programs).
       chunk_steps: decoding steps per compiled chunk; the host refills slots between chunks.
-      shrink_levels: how many times the active slots may halve in the tail of a call (each level can add one
-        decode program per window).
+      shrink_levels: how many smaller active-slot counts the tail of a call may use (powers of two below the
+        slots per shard; each can add one decode program per window).
+      precompile: compile every program a call of this shape can meet at its first call (prefill group sizes,
+        windows x active-slot counts, the moves) instead of when the data first needs it: a run compiles all of
+        its programs in its first step.
       Others as for `Sampler` (prompt_bucket, image_token_bucket, vision_bins_at_once, mesh).
     """
 
-    def __init__(self, *, slots: int = 256, chunk_steps: int = 16, shrink_levels: int = 3, **kwargs):
+    def __init__(self, *, slots: int = 256, chunk_steps: int = 16, shrink_levels: int = 3, precompile: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         if slots < 1 or chunk_steps < 1 or shrink_levels < 0:
             raise ValueError(f"slots ({slots}) and chunk_steps ({chunk_steps}) must be >= 1, "
@@ -71,6 +75,8 @@ class RolloutEngine(Sampler):
         self.slots = slots
         self.chunk_steps = chunk_steps
         self.shrink_levels = shrink_levels
+        self.precompile = precompile
+        self._warm: set = set()
         self.stats = EngineStats()
         self._admit = jax.jit(self._admit_impl, static_argnums=(0, 15, 16, 17, 18), donate_argnums=(2, 3))
         self._chunk = jax.jit(self._chunk_impl, static_argnums=(0, 6, 7, 8, 9, 10, 11, 12), donate_argnums=(2, 3))
@@ -158,144 +164,235 @@ class RolloutEngine(Sampler):
         input_ids, attention_mask, params, eos, pad_id, rng = check_request(
             model.config, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, num_samples,
             eos_token_ids, rng, pad_token_id)
-        config, n = model.config, num_samples
         graphdef, state = nnx.split(model)
-        batch = input_ids.shape[0]
-        self.stats = EngineStats()
-
-        # Prompts, left-padded to the prompt bucket: ids, mask and positions per prompt, kept on the host.
-        positions, deltas = get_position_ids(input_ids, attention_mask, image_grid_thw, config=config)
-        real = attention_mask.sum(axis=1)
-        width = self.high_water("prompt", buckets.round_up(input_ids.shape[1], self.prompt_bucket))
-        pad = width - input_ids.shape[1]
-        ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
-        mask = np.pad(attention_mask, ((0, 0), (pad, 0)))
-        positions = np.pad(positions, ((0, 0), (0, 0), (pad, 0)))
-        next_position = (real + deltas).astype(np.int32)
-        start = (width - real).astype(np.int32)
-        feature_offset = np.concatenate([[0], np.cumsum((ids == config.image_token_id).sum(axis=1))]).astype(np.int32)
         features = None
         if pixel_values is not None:
-            features = self._image_features(graphdef, state, config.vision, model.dtype, pixel_values, image_grid_thw)
+            features = self._image_features(graphdef, state, model.config.vision, model.dtype, pixel_values,
+                                            image_grid_thw)
+        call = _Call(self, model, graphdef, state, input_ids, attention_mask, image_grid_thw, features,
+                     max_new_tokens, num_samples, params, end_tokens(eos), pad_id, rng)
+        self.stats = call.stats
+        self.last_kv_bytes = call.kv_bytes
+        if self.precompile:
+            call.precompile()
+        return call.run()
 
-        shards = parallel.batch_shards(self.mesh)
-        num_slots = self.high_water("slots", buckets.round_up(
-            max(min(buckets.power_of_two(batch * n), buckets.power_of_two(self.slots)), n), shards))
-        per_shard = num_slots // shards
-        group_limit = buckets.power_of_two(num_slots // n + 1) // 2  # prompts per prefill, a power of two
-        total_width = width + max_new_tokens
-        cache, slot_state = _empty_slots(model.config.text, model.dtype, num_slots, total_width, self.mesh)()
-        self.last_kv_bytes = kv_token_bytes(model) * (num_slots * total_width + group_limit * width)
 
-        out_tokens = np.full((batch * n, max_new_tokens), pad_id, np.int32)
-        out_logp = np.zeros((batch * n, max_new_tokens), np.float32)
-        out_raw = np.zeros((batch * n, max_new_tokens), np.float32)
-        lengths = np.zeros(batch * n, np.int32)
-        slot_row = np.full(num_slots, -1)  # the row each slot decodes (-1: free)
-        slot_step = np.zeros(num_slots, np.int64)
-        eos_ids = end_tokens(eos)
-        active = per_shard
-        next_prompt = 0
+class _Call:
+    """One generate call on the engine: the prompts and rows on the host, the slot buffers on the devices."""
 
-        def active_slots(active):
-            return (np.arange(shards)[:, None] * per_shard + np.arange(active)[None, :]).reshape(-1)
+    def __init__(self, engine: RolloutEngine, model, graphdef, state, input_ids, attention_mask, image_grid_thw,
+                 features, max_new_tokens, num_samples, params, eos_ids, pad_id, rng):
+        config, n = model.config, num_samples
+        self.engine, self.graphdef, self.state, self.features = engine, graphdef, state, features
+        self.max_new_tokens, self.n, self.params, self.eos_ids, self.pad_id, self.rng = (
+            max_new_tokens, n, params, eos_ids, pad_id, rng)
+        self.stats = EngineStats()
+        # Prompts left-padded to the prompt bucket, kept on the host until admitted.
+        positions, deltas = get_position_ids(input_ids, attention_mask, image_grid_thw, config=config)
+        real = attention_mask.sum(axis=1)
+        self.batch = input_ids.shape[0]
+        self.width = width = engine.high_water("prompt", buckets.round_up(input_ids.shape[1], engine.prompt_bucket))
+        pad = width - input_ids.shape[1]
+        self.ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
+        self.mask = np.pad(attention_mask, ((0, 0), (pad, 0)))
+        self.positions = np.pad(positions, ((0, 0), (0, 0), (pad, 0)))
+        self.next_position = (real + deltas).astype(np.int32)
+        self.start = (width - real).astype(np.int32)
+        self.feature_offset = np.concatenate([[0], np.cumsum((self.ids == config.image_token_id).sum(axis=1))])
+        # Slots, split into equal parts per batch shard; the active ones are the first `active` of each part.
+        self.shards = parallel.batch_shards(engine.mesh)
+        self.num_slots = engine.high_water("slots", slot_count(self.batch * n, engine.slots, n, self.shards))
+        self.per_shard = self.num_slots // self.shards
+        smaller = [p for p in (1 << k for k in range(self.per_shard.bit_length())) if p < self.per_shard]
+        self.levels = [self.per_shard] + smaller[::-1][:engine.shrink_levels]  # active slots per shard, falling
+        self.active = self.per_shard
+        self.group_limit = prefill_group(self.num_slots, n)
+        self.total_width = width + max_new_tokens
+        self.kv_bytes = kv_token_bytes(model) * (self.num_slots * self.total_width + self.group_limit * width)
+        self.cache, self.slot_state = _empty_slots(config.text, model.dtype, self.num_slots, self.total_width,
+                                                   engine.mesh)()
+        # Rows: outputs, and which slot decodes which row.
+        rows = self.batch * n
+        self.tokens = np.full((rows, max_new_tokens), pad_id, np.int32)
+        self.logprobs = np.zeros((rows, max_new_tokens), np.float32)
+        self.policy_logprobs = np.zeros((rows, max_new_tokens), np.float32)
+        self.lengths = np.zeros(rows, np.int32)
+        self.slot_row = np.full(self.num_slots, -1)  # -1: free
+        self.slot_step = np.zeros(self.num_slots, np.int64)  # tokens of its row before the one it feeds next
+        self.next_prompt = 0
 
-        while next_prompt < batch or (slot_row >= 0).any():
-            # Admit waiting prompts while their samples find free slots (spread over the shards).
-            while next_prompt < batch:
-                free = sorted((s for s in active_slots(active) if slot_row[s] < 0), key=lambda s: (s % per_shard, s))
-                g = min(len(free) // n, batch - next_prompt, group_limit)
-                if g == 0:
-                    break
-                cache, slot_state = self._admit_prompts(graphdef, state, cache, slot_state, next_prompt, g, free,
-                                                        ids, mask, positions, features, feature_offset, next_position,
-                                                        start, rng, eos_ids, n, max_new_tokens, params, pad_id,
-                                                        num_slots, group_limit, out_tokens, out_logp, out_raw,
-                                                        lengths, slot_row, slot_step)
-                next_prompt += g
-            if not (slot_row >= 0).any():
+    def active_slots(self, active=None) -> np.ndarray:
+        active = self.active if active is None else active
+        return (np.arange(self.shards)[:, None] * self.per_shard + np.arange(active)[None, :]).reshape(-1)
+
+    def windows(self) -> list[int]:
+        """Every attention window a chunk can use: powers of two from the prompt plus a chunk, capped."""
+        first = buckets.power_of_two(self.width + self.engine.chunk_steps)
+        out = [min(first << k, self.total_width) for k in range(max(1, self.total_width.bit_length()))]
+        return sorted(set(w for w in out if w >= min(first, self.total_width)))
+
+    def run(self) -> SampleOutput:
+        while self.next_prompt < self.batch or (self.slot_row >= 0).any():
+            self.admit()
+            if not (self.slot_row >= 0).any():
                 continue
-            if next_prompt == batch and self.shrink_levels:
-                cache, slot_state, active = self._shrink(cache, slot_state, slot_row, slot_step, shards, per_shard,
-                                                         active, active_slots)
-            # One chunk over the active slots, attention over the columns the live rows can reach in it.
-            live_slots = np.flatnonzero(slot_row >= 0)
-            reach = width + int(slot_step[live_slots].max()) + self.chunk_steps
-            window = min(total_width, buckets.power_of_two(reach))
-            cache, slot_state, tokens, logp, raw, step, live = self._chunk(
-                graphdef, state, cache, slot_state, rng, eos_ids, shards, active, window, self.chunk_steps,
-                max_new_tokens, params, pad_id)
-            tokens, logp, raw, step, live = (parallel.to_host(a) for a in (tokens, logp, raw, step, live))
-            mine = active_slots(active)
-            made = np.where(slot_row[mine] >= 0, step - slot_step[mine], 0)
-            self.stats.chunks += 1
-            self.stats.slot_steps += int(made.max()) * len(mine)
-            self.stats.row_steps += int(made.sum())
-            for j in np.flatnonzero(made):
-                slot, row = mine[j], slot_row[mine[j]]
-                done = lengths[row]
-                k = made[j]
-                out_tokens[row, done:done + k] = tokens[j, :k]
-                out_logp[row, done:done + k] = logp[j, :k]
-                out_raw[row, done:done + k] = raw[j, :k]
-                lengths[row] += k
-                slot_step[slot] = step[j]
-                if not live[j]:
-                    slot_row[slot] = -1
+            if self.next_prompt == self.batch:
+                self.shrink()
+            self.decode_chunk()
         return SampleOutput(
-            tokens=out_tokens, logprobs=out_logp, policy_logprobs=out_raw, lengths=lengths,
-            response_mask=(np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32),
-            image_features=features,
+            tokens=self.tokens, logprobs=self.logprobs, policy_logprobs=self.policy_logprobs, lengths=self.lengths,
+            response_mask=(np.arange(self.max_new_tokens)[None, :] < self.lengths[:, None]).astype(np.int32),
+            image_features=self.features,
         )
 
-    def _admit_prompts(self, graphdef, state, cache, slot_state, first, g, free, ids, mask, positions, features,
-                       feature_offset, next_position, start, rng, eos_ids, n, max_new_tokens, params, pad_id,
-                       num_slots, group_limit, out_tokens, out_logp, out_raw, lengths, slot_row, slot_step):
-        """Prefill prompts first .. first + g - 1 into free slots and record their first tokens."""
-        size = min(buckets.power_of_two(g), group_limit)  # prompts per prefill program
-        prompts = np.arange(first, first + g)
-        slot_ids = np.full((size, n), num_slots, np.int32)  # padding prompts write nowhere
-        slot_ids[:g] = np.asarray(free[:g * n]).reshape(g, n)
-        rows = np.zeros((size, n), np.int32)
-        rows[:g] = prompts[:, None] * n + np.arange(n)[None, :]
-        padded = lambda a, axis=0: np.concatenate(  # noqa: E731
-            [np.take(a, prompts, axis=axis), np.zeros_like(np.take(a, np.zeros(size - g, int), axis=axis))], axis)
-        p_ids, p_mask, p_pos = self._shard(padded(ids), padded(mask), padded(positions, 1), axis=(0, 0, 1))
-        cache, slot_state, token, logp, raw, live = self._admit(
-            graphdef, state, cache, slot_state, p_ids, p_mask, p_pos, features, jnp.int32(feature_offset[first]),
-            *(jax.device_put(a) for a in (padded(next_position), padded(start), slot_ids, rows.reshape(-1))),
-            rng, eos_ids, n, max_new_tokens, params, pad_id)
-        self.stats.prefills += 1
-        token, logp, raw, live = (parallel.to_host(a)[:g * n] for a in (token, logp, raw, live))
-        row_ids, slot_flat = rows[:g].reshape(-1), slot_ids[:g].reshape(-1)
-        out_tokens[row_ids, 0], out_logp[row_ids, 0], out_raw[row_ids, 0] = token, logp, raw
-        lengths[row_ids] = 1
-        slot_row[slot_flat] = np.where(live, row_ids, -1)
-        slot_step[slot_flat] = 0
-        return cache, slot_state
+    def admit(self) -> None:
+        """Prefill waiting prompts while all of a prompt's samples find free slots (spread over the shards)."""
+        while self.next_prompt < self.batch:
+            free = sorted((s for s in self.active_slots() if self.slot_row[s] < 0),
+                          key=lambda s: (s % self.per_shard, s))
+            g = min(len(free) // self.n, self.batch - self.next_prompt, self.group_limit)
+            if g == 0:
+                return
+            prompts = np.arange(self.next_prompt, self.next_prompt + g)
+            token, logp, raw, live = self._prefill(prompts, np.asarray(free[:g * self.n]).reshape(g, self.n))
+            rows = (prompts[:, None] * self.n + np.arange(self.n)[None, :]).reshape(-1)
+            self.tokens[rows, 0], self.logprobs[rows, 0], self.policy_logprobs[rows, 0] = token, logp, raw
+            self.lengths[rows] = 1
+            slots = np.asarray(free[:g * self.n])
+            self.slot_row[slots] = np.where(live, rows, -1)
+            self.slot_step[slots] = 0
+            self.next_prompt += g
 
-    def _shrink(self, cache, slot_state, slot_row, slot_step, shards, per_shard, active, active_slots):
-        """With the queue empty: halve the active slots while the live rows fit in half, moving them to the front."""
-        smallest = max(per_shard >> self.shrink_levels, 1)
-        live = int((slot_row >= 0).sum())
-        target = max(smallest, buckets.power_of_two(-(-live // shards)))
-        if target >= active:
-            return cache, slot_state, active
-        keep = set(active_slots(target).tolist())
-        outside = [s for s in np.flatnonzero(slot_row >= 0) if s not in keep]
-        room = [s for s in sorted(keep) if slot_row[s] < 0]
-        moves = len(outside)
-        if moves:
-            size = buckets.power_of_two(moves)
-            source = np.zeros(size, np.int32)  # padding moves copy slot 0 onto itself
-            target_ids = np.zeros(size, np.int32)
-            source[:moves], target_ids[:moves] = outside, room[:moves]
-            cache, slot_state = self._move(cache, slot_state, jax.device_put(source), jax.device_put(target_ids))
-            for s, t in zip(outside, room[:moves]):
-                slot_row[t], slot_step[t] = slot_row[s], slot_step[s]
-                slot_row[s] = -1
-            self.stats.moves += moves
-        return cache, slot_state, target
+    def _prefill(self, prompts, slot_ids):
+        """Run the admission program for these prompts into slots slot_ids [g, n]; the first tokens on the host."""
+        g, size = len(prompts), min(buckets.power_of_two(len(prompts)), self.group_limit)
+        padded_slots = np.full((size, self.n), self.num_slots, np.int32)  # padding prompts write nowhere
+        padded_slots[:g] = slot_ids
+        rows = np.zeros((size, self.n), np.int32)
+        rows[:g] = prompts[:, None] * self.n + np.arange(self.n)[None, :]
+        take = np.concatenate([prompts, np.zeros(size - g, int)])
+        blank = (np.arange(size) >= g)
+
+        def pick(a, axis=0):
+            picked = np.take(a, take, axis=axis)
+            return np.where(np.expand_dims(blank, tuple(i for i in range(picked.ndim) if i != axis)), 0, picked)
+
+        outputs = self._run_admit(pick(self.ids), pick(self.mask), pick(self.positions, 1), self.feature_offset[prompts[0]],
+                                  pick(self.next_position), pick(self.start), padded_slots, rows.reshape(-1))
+        self.stats.prefills += 1
+        return tuple(parallel.to_host(a)[:g * self.n] for a in outputs)
+
+    def _run_admit(self, ids, mask, positions, offset, next_position, start, slot_ids, rows):
+        e = self.engine
+        ids, mask, positions = e._shard(ids, mask, positions, axis=(0, 0, 1))
+        self.cache, self.slot_state, *outputs = e._admit(
+            self.graphdef, self.state, self.cache, self.slot_state, ids, mask, positions, self.features,
+            jnp.int32(offset), *(jax.device_put(a) for a in (next_position, start, slot_ids, rows)),
+            self.rng, self.eos_ids, self.n, self.max_new_tokens, self.params, self.pad_id)
+        return outputs
+
+    def shrink(self) -> None:
+        """With no prompt waiting: run on the fewest active slots that hold the live rows, moving rows outside
+        them into free slots inside."""
+        live = int((self.slot_row >= 0).sum())
+        needed = -(-live // self.shards)
+        target = min((level for level in self.levels if level >= needed), default=self.per_shard)
+        if target >= self.active:
+            return
+        keep = set(self.active_slots(target).tolist())
+        outside = [s for s in np.flatnonzero(self.slot_row >= 0) if s not in keep]
+        room = [s for s in sorted(keep) if self.slot_row[s] < 0][:len(outside)]
+        if outside:
+            self._run_move(outside, room)
+            self.slot_row[room], self.slot_step[room] = self.slot_row[outside], self.slot_step[outside]
+            self.slot_row[outside] = -1
+            self.stats.moves += len(outside)
+        self.active = target
+
+    def _run_move(self, source, target):
+        # One program for every call: as many moves as the largest smaller level holds (the most a shrink needs);
+        # padding moves copy slot 0 onto itself.
+        size = self.levels[1] * self.shards
+        src, dst = np.zeros(size, np.int32), np.zeros(size, np.int32)
+        src[:len(source)], dst[:len(target)] = source, target
+        self.cache, self.slot_state = self.engine._move(self.cache, self.slot_state, jax.device_put(src),
+                                                        jax.device_put(dst))
+
+    def decode_chunk(self) -> None:
+        """One chunk over the active slots, attending over the columns the live rows can reach in it; collect
+        the tokens and free the slots of finished rows."""
+        live_slots = np.flatnonzero(self.slot_row >= 0)
+        reach = self.width + int(self.slot_step[live_slots].max()) + self.engine.chunk_steps
+        window = min(self.total_width, buckets.power_of_two(reach))
+        tokens, logp, raw, step, live = (parallel.to_host(a) for a in self._run_chunk(self.active, window))
+        mine = self.active_slots()
+        made = np.where(self.slot_row[mine] >= 0, step - self.slot_step[mine], 0)
+        self.stats.chunks += 1
+        self.stats.slot_steps += int(made.max()) * len(mine)
+        self.stats.row_steps += int(made.sum())
+        for j in np.flatnonzero(made):
+            slot, row, k = mine[j], self.slot_row[mine[j]], made[j]
+            done = self.lengths[row]
+            self.tokens[row, done:done + k] = tokens[j, :k]
+            self.logprobs[row, done:done + k] = logp[j, :k]
+            self.policy_logprobs[row, done:done + k] = raw[j, :k]
+            self.lengths[row] += k
+            self.slot_step[slot] = step[j]
+            if not live[j]:
+                self.slot_row[slot] = -1
+
+    def _run_chunk(self, active, window):
+        e = self.engine
+        self.cache, self.slot_state, *outputs = e._chunk(
+            self.graphdef, self.state, self.cache, self.slot_state, self.rng, self.eos_ids, self.shards, active,
+            window, e.chunk_steps, self.max_new_tokens, self.params, self.pad_id)
+        return outputs
+
+    def precompile(self) -> None:
+        """Run every program this call's shapes can meet once, with nothing to do: prefills of padding prompts
+        only (their writes are dropped), chunks over slots none of which is live (they stop at once), and the
+        moves' program with padding moves. Each program compiles the first time only."""
+        key = (self.graphdef, self.num_slots, self.width, self.total_width, self.n, self.params, self.pad_id)
+        if key in self.engine._warm:
+            return
+        size = 1
+        while size <= self.group_limit:
+            blank = np.zeros(size, np.int32)
+            self._run_admit(np.zeros((size, self.width), np.int32), np.zeros((size, self.width), np.int32),
+                            np.zeros((3, size, self.width), np.int32), 0, blank, blank,
+                            np.full((size, self.n), self.num_slots, np.int32), np.zeros(size * self.n, np.int32))
+            size *= 2
+        for active in self.levels:
+            for window in self.windows():
+                self._run_chunk(active, window)
+        if len(self.levels) > 1:
+            self._run_move([], [])
+        self.engine._warm.add(key)
+
+
+ENGINES = ("continuous", "static")
+
+
+def make_sampler(engine: str = "continuous", *, slots: int = 256, chunk_steps: int = 16, precompile: bool = False,
+                 **kwargs) -> Sampler:
+    """The sampler a run's `rollout.engine` names: the rollout engine ("continuous") or the static `Sampler`."""
+    if engine == "continuous":
+        return RolloutEngine(slots=slots, chunk_steps=chunk_steps, precompile=precompile, **kwargs)
+    if engine == "static":
+        return Sampler(**kwargs)
+    raise ValueError(f"rollout.engine={engine!r}: use one of {ENGINES}")
+
+
+def slot_count(rows: int, slots: int, num_samples: int, shards: int) -> int:
+    """Decode slots for a call of `rows` rows: the configured count or the power of two that holds the rows,
+    whichever is smaller, at least one prompt's samples, a multiple of the batch shards."""
+    return buckets.round_up(max(min(buckets.power_of_two(rows), buckets.power_of_two(slots)), num_samples), shards)
+
+
+def prefill_group(num_slots: int, num_samples: int) -> int:
+    """The most prompts one prefill takes (a power of two): as many as the slots hold."""
+    return buckets.power_of_two(num_slots // num_samples + 1) // 2
 
 
 @functools.lru_cache(maxsize=None)

@@ -304,7 +304,9 @@ def check_request(config, input_ids, attention_mask, max_new_tokens, temperature
 
 @functools.lru_cache(maxsize=None)
 def _default_sampler() -> Sampler:
-    return Sampler()
+    from .engine import RolloutEngine  # the engine builds on this module
+
+    return RolloutEngine()
 
 
 def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *, max_new_tokens,
@@ -312,7 +314,8 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
              sampler: Sampler | None = None, pad_token_id=None) -> SampleOutput:
     """Sample `num_samples` responses for each left-padded prompt (arrays as the processor returns them).
 
-    temperature 0 (or top_k 1) is greedy decoding. See `Sampler` for bucketing and sharding.
+    temperature 0 (or top_k 1) is greedy decoding. Runs on the rollout engine (`RolloutEngine`) unless a
+    `sampler` is given; see `Sampler` for bucketing and sharding.
     """
     return (sampler or _default_sampler()).generate(
         model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=max_new_tokens,
