@@ -7,8 +7,14 @@ reaches, with the device's peak memory. Meant for an accelerator:
     python benchmarks/decode_bandwidth.py                         # 3B shape, batch 1 and 64, 128-token prompts
     python benchmarks/decode_bandwidth.py --bandwidth-gbs 3350    # a device not in the table below
     python benchmarks/decode_bandwidth.py --preset tiny --bandwidth-gbs 20 --new 8   # a CPU smoke run
+    python benchmarks/decode_bandwidth.py --rl 64x8 --new 512     # the rollout engine on an RL workload
 The weights are random and the prompts random token ids (text only: the vision tower plays no part in decoding);
 rows may stop early at an end token, so the step count is the longest row's.
+
+`--rl PxS` times the rollout engine instead, on P prompts x S samples whose lengths spread from a few tokens to
+`--new` (end tokens chosen from greedy trajectories, as in benchmarks/sampler.py --rl), against the static
+sampler on the same call. Its limit is the bytes the engine's decoding steps had to read: the weights once per
+step plus the KV entries its attention windows covered (counted by the engine), over the bandwidth.
 """
 
 from __future__ import annotations
@@ -61,6 +67,66 @@ def cache_bytes(config, rows: int, slots: int, itemsize: int) -> int:
     return 2 * t.num_hidden_layers * rows * t.num_key_value_heads * t.head_dim * slots * itemsize
 
 
+def _sibling(name):
+    """Another script of this folder, as a module."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rl_case(model, config, args, bandwidth, weights, dtype):
+    """The rollout engine against the static sampler on spread-out lengths; tokens/s against the byte limit."""
+    import jax
+
+    from speciarl_jax.sampling import RolloutEngine, Sampler
+    from speciarl_jax.sampling.sampler import kv_token_bytes
+
+    workload = _sibling("sampler")
+    num_prompts, samples = (int(v) for v in args.rl.split("x"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, min(config.text.vocab_size - 8, 150000), (num_prompts, args.prompt_len)).astype(np.int32)
+    ids[ids == config.image_token_id] = 0
+    mask = np.ones_like(ids)
+    static = Sampler()
+    never = config.text.vocab_size - 1
+    trajectories = static.generate(model, ids, mask, max_new_tokens=args.new, temperature=0.0,
+                                   eos_token_ids=[never]).tokens
+    ends, lengths = workload.choose_end_tokens(trajectories, args.new)
+    print(f"RL workload: {num_prompts} prompts x {samples} samples, end tokens {ends}; lengths: "
+          f"{workload.histogram(np.repeat(lengths, samples), args.new)}")
+    kw = dict(max_new_tokens=args.new, temperature=0.0, num_samples=samples, eos_token_ids=ends)
+
+    def timed(sampler, **extra):
+        begin = time.perf_counter()
+        out = sampler.generate(model, ids, mask, **dict(kw, **extra))
+        return time.perf_counter() - begin, out
+
+    engine = RolloutEngine(slots=args.slots)
+    first, _ = timed(engine)
+    seconds, out = min((timed(engine) for _ in range(args.repeats)), key=lambda r: r[0])
+    stats, kv = engine.stats, engine.last_kv_bytes
+    firsts = sorted(set(trajectories[:, 0].tolist()))
+    timed(static, eos_token_ids=firsts + [t for t in ends if t not in firsts][:max(0, len(ends) - len(firsts))])
+    static_s, static_out = timed(static)
+    useful = int(out.lengths.sum())
+    limit = (stats.steps * weights + stats.columns_read * kv_token_bytes(model)) / (bandwidth * 1e9)
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    print(f"{'':>7} {'seconds':>8} {'useful tok/s':>12} {'steps':>6} {'limit s':>8} {'of limit':>8} {'KV GB':>7} "
+          f"{'speed-up':>8}")
+    print(f"{'engine':>7} {seconds:>8.2f} {useful / seconds:>12.0f} {stats.steps:>6} {limit:>8.2f} "
+          f"{limit / seconds:>8.1%} {kv / 1e9:>7.2f} {static_s / seconds:>8.2f}")
+    print(f"{'static':>7} {static_s:>8.2f} {useful / static_s:>12.0f} {int(static_out.lengths.max()):>6} {'':>8} "
+          f"{'':>8} {static.last_kv_bytes / 1e9:>7.2f} {1.0:>8.2f}")
+    print(f"engine compile {first - seconds:.1f} s, {engine.compilations} programs; same tokens as static: "
+          f"{np.array_equal(out.tokens, static_out.tokens)}; peak device memory "
+          f"{peak / 1e9 if peak else float('nan'):.1f} GB")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="3b", choices=("3b", "tiny"))
@@ -70,6 +136,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (the best counts)")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="peak memory bandwidth, GB/s")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--rl", default="", help="PROMPTSxSAMPLES: the rollout engine on an RL workload instead")
+    parser.add_argument("--slots", type=int, default=256, help="--rl: the engine's decode slots")
     args = parser.parse_args()
 
     import jax
@@ -94,6 +162,8 @@ def main():
     print(f"device: {device.device_kind} ({jax.device_count()} devices, the first used), {bandwidth:.0f} GB/s; "
           f"model: {args.preset}, {params / 1e9:.2f}B parameters, {args.dtype}, built in {built:.0f} s")
     print(f"weights read per step: {weights / 1e9:.2f} GB; prompts {args.prompt_len} tokens, {args.new} new tokens")
+    if args.rl:
+        return rl_case(model, config, args, bandwidth, weights, dtype)
     print(f"{'batch':>5} {'steps':>5} {'prefill s':>9} {'ms/step':>8} {'tok/s':>9} {'GB/step':>8} {'limit ms':>8} "
           f"{'of limit':>8} {'filled-cache limit':>18} {'compile s':>9} {'peak GB':>8}")
 

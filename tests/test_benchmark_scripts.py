@@ -76,6 +76,30 @@ def test_bandwidth_script_runs(monkeypatch, capsys):
     assert rows[0][6] == f"{limit_ms:.2f}"
 
 
+def test_bandwidth_script_runs_the_rl_workload(monkeypatch, capsys):
+    bench = _load("decode_bandwidth")
+    argv = ["decode_bandwidth.py", "--preset", "tiny", "--bandwidth-gbs", "1", "--new", "24", "--prompt-len", "8",
+            "--rl", "4x2", "--slots", "4", "--repeats", "1", "--dtype", "float32"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = capsys.readouterr().out
+    assert "same tokens as static: True" in out
+    engine = next(line.split() for line in out.splitlines() if line.strip().startswith("engine "))
+    static = next(line.split() for line in out.splitlines() if line.strip().startswith("static "))
+    assert float(engine[5]) < float(static[3])  # the engine's KV bytes: 4 slots against 8 rows, plus the prefill's
+
+
+def test_rl_workload_end_tokens_spread_the_lengths():
+    bench = _load("sampler")
+    rng = np.random.default_rng(0)
+    trajectories = rng.integers(0, 50, (64, 128))
+    ends, lengths = bench.choose_end_tokens(trajectories, 128)
+    np.testing.assert_array_equal(lengths, bench.first_hits(trajectories, ends, 128))
+    assert ends and lengths.min() < 8 and lengths.max() > 32
+    # A hand-made case: token 7 ends row 0 at its 3rd token, nothing ends row 1.
+    assert list(bench.first_hits(np.array([[1, 2, 7, 7], [1, 1, 1, 1]]), [7], 4)) == [3, 4]
+
+
 def test_device_check_runs_at_tiny_size(monkeypatch, capsys, tmp_path):
     import json
 

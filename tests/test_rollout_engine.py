@@ -39,7 +39,8 @@ def spread_end_tokens(model, prompts, max_new_tokens, **kw):
     """End tokens taken from a run without them, so that rows end at different points and some never do."""
     full = Sampler().generate(model, **prompts, max_new_tokens=max_new_tokens, **kw)
     tokens = full.tokens
-    return sorted({int(tokens[0, 2]), int(tokens[5, 9]), int(tokens[10, 17])})
+    third = max_new_tokens // 3
+    return sorted({int(tokens[0, 2]), int(tokens[5, third + 1]), int(tokens[10, 2 * third + 1]), int(tokens[13, 5])})
 
 
 @pytest.mark.parametrize("slots,chunk_steps", [(4, 3), (8, 5), (2, 1), (64, 16)])
@@ -61,8 +62,8 @@ def test_sampled_rows_equal_the_static_sampler_for_the_same_key(model, prompts, 
     np.testing.assert_allclose(np.asarray(out.image_features), np.asarray(static.image_features), atol=1e-6)
     stats = engine.stats
     assert stats.row_steps == static.lengths.sum() - len(static.lengths)  # every token after the first, once
-    if slots < 16:  # 16 rows through fewer slots: freed slots were refilled, the tail ran on fewer slots
-        assert stats.prefills > 1 and stats.moves > 0
+    if slots < 16:  # 16 rows through fewer slots: freed slots were refilled
+        assert stats.prefills > 1
         assert engine.last_kv_bytes < sampler.last_kv_bytes / 2
 
 
@@ -76,6 +77,25 @@ def test_greedy_rows_equal_transformers(model, prompts, tiny_checkpoint, sampler
                                .astype(np.int32)}, 12, [stop])
     assert out.lengths[1] <= 5 and (out.lengths == 12).any()
     assert_same_until_end(out.tokens, reference, out.lengths)
+
+
+def test_the_tail_runs_on_fewer_slots(model, prompts):
+    """Greedy, one sample per prompt: the end token comes early in three rows and never in the last one, which
+    then decodes alone on the smallest active slot count (moved to the front if it was not there)."""
+    never = model.config.text.vocab_size - 1
+    kw = dict(max_new_tokens=20, temperature=0.0)
+    full = Sampler().generate(model, **prompts, eos_token_ids=[never], **kw).tokens
+    long_row = 1
+    # End tokens: each other row's 3rd token, unless the long row ever draws it.
+    ends = [int(full[r, 2]) for r in range(4) if r != long_row and int(full[r, 2]) not in full[long_row]]
+    static = Sampler().generate(model, **prompts, eos_token_ids=ends, **kw)
+    assert static.lengths[long_row] == 20 and (np.delete(static.lengths, long_row) <= 3).sum() >= 2, static.lengths
+    engine = RolloutEngine(slots=4, chunk_steps=2)
+    out = engine.generate(model, **prompts, eos_token_ids=ends, **kw)
+    np.testing.assert_array_equal(out.tokens, static.tokens)
+    stats = engine.stats
+    assert stats.slot_steps < stats.steps * 4  # some chunks ran on fewer than the 4 slots
+    assert stats.moves == (long_row != 0)
 
 
 def test_every_row_ending_at_once(model, prompts):

@@ -46,8 +46,10 @@ class EngineStats:
 
     chunks: int = 0
     prefills: int = 0
+    steps: int = 0  # decoding steps (each reads the weights once)
     slot_steps: int = 0  # decoding steps x the slots they ran over
     row_steps: int = 0  # of those, steps of live rows (tokens decoded)
+    columns_read: int = 0  # KV entries attention read: steps x slots x window
     moves: int = 0  # slots moved to the front in the tail
 
 
@@ -328,8 +330,11 @@ class _Call:
         tokens, logp, raw, step, live = (parallel.to_host(a) for a in self._run_chunk(self.active, window))
         mine = self.active_slots()
         made = np.where(self.slot_row[mine] >= 0, step - self.slot_step[mine], 0)
+        steps = int(made.max())
         self.stats.chunks += 1
-        self.stats.slot_steps += int(made.max()) * len(mine)
+        self.stats.steps += steps
+        self.stats.slot_steps += steps * len(mine)
+        self.stats.columns_read += steps * len(mine) * window
         self.stats.row_steps += int(made.sum())
         for j in np.flatnonzero(made):
             slot, row, k = mine[j], self.slot_row[mine[j]], made[j]
