@@ -116,12 +116,12 @@ def rl_case(model, config, args, bandwidth, weights, dtype):
     useful = int(out.lengths.sum())
     limit = (stats.steps * weights + stats.columns_read * kv_token_bytes(model)) / (bandwidth * 1e9)
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    print(f"{'':>7} {'seconds':>8} {'useful tok/s':>12} {'steps':>6} {'limit s':>8} {'of limit':>8} {'KV GB':>7} "
+    print(f"{'':>7} {'seconds':>8} {'useful tok/s':>12} {'steps':>6} {'limit s':>8} {'of limit':>8} {'KV MB':>9} "
           f"{'speed-up':>8}")
     print(f"{'engine':>7} {seconds:>8.2f} {useful / seconds:>12.0f} {stats.steps:>6} {limit:>8.2f} "
-          f"{limit / seconds:>8.1%} {kv / 1e9:>7.2f} {static_s / seconds:>8.2f}")
+          f"{limit / seconds:>8.1%} {kv / 1e6:>9.2f} {static_s / seconds:>8.2f}")
     print(f"{'static':>7} {static_s:>8.2f} {useful / static_s:>12.0f} {int(static_out.lengths.max()):>6} {'':>8} "
-          f"{'':>8} {static.last_kv_bytes / 1e9:>7.2f} {1.0:>8.2f}")
+          f"{'':>8} {static.last_kv_bytes / 1e6:>9.2f} {1.0:>8.2f}")
     print(f"engine compile {first - seconds:.1f} s, {engine.compilations} programs; same tokens as static: "
           f"{np.array_equal(out.tokens, static_out.tokens)}; peak device memory "
           f"{peak / 1e9 if peak else float('nan'):.1f} GB")

@@ -86,7 +86,7 @@ def test_bandwidth_script_runs_the_rl_workload(monkeypatch, capsys):
     assert "same tokens as static: True" in out
     engine = next(line.split() for line in out.splitlines() if line.strip().startswith("engine "))
     static = next(line.split() for line in out.splitlines() if line.strip().startswith("static "))
-    assert float(engine[5]) < float(static[3])  # the engine's KV bytes: 4 slots against 8 rows, plus the prefill's
+    assert float(engine[6]) < float(static[4])  # the engine's KV bytes: 4 slots against 8 rows, plus the prefill's
 
 
 def test_rl_workload_end_tokens_spread_the_lengths():
