@@ -88,5 +88,5 @@ def train(algorithm, tiny_checkpoint, prompts, sampler):
 @pytest.mark.parametrize("algorithm", ["grpo", "drgrpo", "dapo"])
 def test_toy_reward_rises(algorithm, tiny_checkpoint, prompts, sampler):
     before, after = train(algorithm, tiny_checkpoint, prompts, sampler)
-    assert before < 0.5
+    assert before <= 0.5  # room to rise: the toy reward starts at most at one half
     assert after >= before + 0.35, f"{algorithm}: mean reward {before:.3f} -> {after:.3f}"
