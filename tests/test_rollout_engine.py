@@ -43,7 +43,7 @@ def spread_end_tokens(model, prompts, max_new_tokens, **kw):
     return sorted({int(tokens[0, 2]), int(tokens[5, third + 1]), int(tokens[10, 2 * third + 1]), int(tokens[13, 5])})
 
 
-@pytest.mark.parametrize("slots,chunk_steps", [(4, 3), (8, 5), (2, 1), (64, 16)])
+@pytest.mark.parametrize("slots,chunk_steps", [(4, 3), (8, 5), (2, 1)])
 def test_sampled_rows_equal_the_static_sampler_for_the_same_key(model, prompts, slots, chunk_steps):
     kw = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, num_samples=4, rng=jax.random.key(11))
     eos = spread_end_tokens(model, prompts, **kw)

@@ -28,6 +28,7 @@ def small_config(run_dir, **changes):
     c.data.batch_size = 4
     c.rollout.num_samples = 4
     c.rollout.max_new_tokens = 12
+    c.rollout.precompile = False  # compile what each short run meets (tests/test_bounded_programs.py checks it on)
     c.rl.mini_batch_size = 8  # two optimizer steps per batch
     c.eval.enabled = False
     # Enough SFT for the answer format (the brief prompt does not state it), so rollouts earn differing rewards.
