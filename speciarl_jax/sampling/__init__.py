@@ -1,4 +1,4 @@
-"""Rollout engine: batched multimodal sampling with a KV cache."""
+"""Rollouts: the rollout engine (continuous batching over decode slots) and the static sampler it builds on."""
 
 from .distributions import SamplingParams, choose_tokens, row_keys, sampling_logits
 from .engine import ENGINES, RolloutEngine, make_sampler

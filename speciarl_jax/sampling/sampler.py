@@ -1,4 +1,6 @@
-"""Batched multimodal generation with a KV cache.
+"""Batched multimodal generation with a KV cache: the static sampler, which decodes every row of a call together
+until the last one ends (`rollout.engine=static`). The rollout engine (`engine.RolloutEngine`) builds on it, with
+the same arguments and output, and keeps a fixed number of decode slots busy instead.
 
 One call runs three kinds of compiled programs:
   1. the vision tower, once per prompt image (all images of a call packed into bins of patches, one program);
