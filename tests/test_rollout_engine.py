@@ -35,9 +35,21 @@ def prompts(tiny_processor):
     return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
 
 
+# Shared samplers: each keeps its compiled programs, so the tests pay for a shape once.
+_STATIC = Sampler()
+_ENGINES: dict = {}
+
+
+def engine_with(slots, chunk_steps, **kw):
+    key = (slots, chunk_steps, tuple(sorted(kw.items(), key=lambda i: i[0])))
+    if key not in _ENGINES:
+        _ENGINES[key] = RolloutEngine(slots=slots, chunk_steps=chunk_steps, **kw)
+    return _ENGINES[key]
+
+
 def spread_end_tokens(model, prompts, max_new_tokens, **kw):
     """End tokens taken from a run without them, so that rows end at different points and some never do."""
-    full = Sampler().generate(model, **prompts, max_new_tokens=max_new_tokens, **kw)
+    full = _STATIC.generate(model, **prompts, max_new_tokens=max_new_tokens, **kw)
     tokens = full.tokens
     third = max_new_tokens // 3
     return sorted({int(tokens[0, 2]), int(tokens[5, third + 1]), int(tokens[10, 2 * third + 1]), int(tokens[13, 5])})
@@ -47,9 +59,8 @@ def spread_end_tokens(model, prompts, max_new_tokens, **kw):
 def test_sampled_rows_equal_the_static_sampler_for_the_same_key(model, prompts, slots, chunk_steps):
     kw = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, num_samples=4, rng=jax.random.key(11))
     eos = spread_end_tokens(model, prompts, **kw)
-    sampler = Sampler()
-    static = sampler.generate(model, **prompts, eos_token_ids=eos, **kw)
-    engine = RolloutEngine(slots=slots, chunk_steps=chunk_steps)
+    static = _STATIC.generate(model, **prompts, eos_token_ids=eos, **kw)
+    engine = engine_with(slots, chunk_steps)
     out = engine.generate(model, **prompts, eos_token_ids=eos, **kw)
 
     # The workload really spreads: rows end early, late, and never (at the cap).
@@ -64,11 +75,12 @@ def test_sampled_rows_equal_the_static_sampler_for_the_same_key(model, prompts, 
     assert stats.row_steps == static.lengths.sum() - len(static.lengths)  # every token after the first, once
     if slots < 16:  # 16 rows through fewer slots: freed slots were refilled
         assert stats.prefills > 1
-        assert engine.last_kv_bytes < sampler.last_kv_bytes / 2
+        assert engine.last_kv_bytes < _STATIC.last_kv_bytes / 2
 
 
-@pytest.mark.parametrize("sampler", [Sampler(), RolloutEngine(slots=2, chunk_steps=3)], ids=["static", "engine"])
-def test_greedy_rows_equal_transformers(model, prompts, tiny_checkpoint, sampler):
+def test_greedy_rows_equal_transformers(model, prompts, tiny_checkpoint):
+    """(The static sampler's parity is tests/test_sampling.py's.)"""
+    sampler = engine_with(2, 3)
     hf = load_reference(tiny_checkpoint)
     first = sampler.generate(model, **prompts, max_new_tokens=12, temperature=0.0)
     stop = int(first.tokens[1, 4])  # a token greedy decoding reaches mid-way: rows end at different points
@@ -84,13 +96,13 @@ def test_the_tail_runs_on_fewer_slots(model, prompts):
     then decodes alone on the smallest active slot count (moved to the front if it was not there)."""
     never = model.config.text.vocab_size - 1
     kw = dict(max_new_tokens=20, temperature=0.0)
-    full = Sampler().generate(model, **prompts, eos_token_ids=[never], **kw).tokens
+    full = _STATIC.generate(model, **prompts, eos_token_ids=[never], **kw).tokens
     long_row = 1
     # End tokens: each other row's 3rd token, unless the long row ever draws it.
     ends = [int(full[r, 2]) for r in range(4) if r != long_row and int(full[r, 2]) not in full[long_row]]
-    static = Sampler().generate(model, **prompts, eos_token_ids=ends, **kw)
+    static = _STATIC.generate(model, **prompts, eos_token_ids=ends, **kw)
     assert static.lengths[long_row] == 20 and (np.delete(static.lengths, long_row) <= 3).sum() >= 2, static.lengths
-    engine = RolloutEngine(slots=4, chunk_steps=2)
+    engine = engine_with(4, 2)
     out = engine.generate(model, **prompts, eos_token_ids=ends, **kw)
     np.testing.assert_array_equal(out.tokens, static.tokens)
     stats = engine.stats
@@ -99,17 +111,17 @@ def test_the_tail_runs_on_fewer_slots(model, prompts):
 
 
 def test_every_row_ending_at_once(model, prompts):
-    engine = RolloutEngine(slots=4, chunk_steps=4)
+    engine = engine_with(4, 3)
     greedy = dict(temperature=0.0, num_samples=2)
     # At the first token: every row's first greedy token is an end token; nothing is decoded.
-    firsts = sorted(set(Sampler().generate(model, **prompts, max_new_tokens=1, **greedy).tokens[:, 0].tolist()))
+    firsts = sorted(set(_STATIC.generate(model, **prompts, max_new_tokens=1, **greedy).tokens[:, 0].tolist()))
     out = engine.generate(model, **prompts, max_new_tokens=8, eos_token_ids=firsts, **greedy)
     assert (out.lengths == 1).all() and engine.stats.chunks == 0
     assert (out.tokens[:, 1:] == 0).all() and np.isin(out.tokens[:, 0], firsts).all()
     # At the cap, all together (no end token comes): the same tokens as the static sampler.
     never = model.config.text.vocab_size - 1
     out = engine.generate(model, **prompts, max_new_tokens=5, eos_token_ids=[never], **greedy)
-    static = Sampler().generate(model, **prompts, max_new_tokens=5, eos_token_ids=[never], **greedy)
+    static = _STATIC.generate(model, **prompts, max_new_tokens=5, eos_token_ids=[never], **greedy)
     assert (out.lengths == 5).all()
     np.testing.assert_array_equal(out.tokens, static.tokens)
     # One new token only: the prefill's.
@@ -122,14 +134,14 @@ def test_eight_devices_give_the_same_tokens(tiny_checkpoint, model, prompts):
     sharded = from_pretrained(tiny_checkpoint, mesh=mesh)
     kw = dict(max_new_tokens=16, temperature=1.0, num_samples=2, rng=jax.random.key(5))
     eos = spread_end_tokens(model, prompts, **dict(kw, num_samples=4))
-    one = RolloutEngine(slots=4, chunk_steps=3).generate(model, **prompts, eos_token_ids=eos, **kw)
+    one = engine_with(4, 3).generate(model, **prompts, eos_token_ids=eos, **kw)
     engine = RolloutEngine(slots=8, chunk_steps=3, mesh=mesh)
     eight = engine.generate(sharded, **prompts, eos_token_ids=eos, **kw)
     np.testing.assert_array_equal(eight.tokens, one.tokens)
     np.testing.assert_array_equal(eight.lengths, one.lengths)
     np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-5)
     # The slot buffers are split over the 4 batch shards and the 2 key/value heads over `tensor`.
-    static = Sampler().generate(model, **prompts, eos_token_ids=eos, **kw)
+    static = _STATIC.generate(model, **prompts, eos_token_ids=eos, **kw)
     np.testing.assert_array_equal(eight.tokens, static.tokens)
 
 
@@ -147,7 +159,7 @@ def test_a_repeated_call_compiles_nothing(model, prompts):
 def test_precompiled_programs_cover_every_later_call(model, prompts):
     """With precompile, the first call compiles every program of its shapes: later calls whose rows end
     anywhere (other windows, other tail sizes, other prefill groups) compile nothing."""
-    engine = RolloutEngine(slots=8, chunk_steps=2, precompile=True)
+    engine = RolloutEngine(slots=8, chunk_steps=3, precompile=True)
     kw = dict(max_new_tokens=24, temperature=1.0, num_samples=2)
     never = model.config.text.vocab_size - 1
     engine.generate(model, **prompts, eos_token_ids=[never], rng=jax.random.key(0), **kw)
