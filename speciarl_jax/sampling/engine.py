@@ -108,7 +108,7 @@ class RolloutEngine(Sampler):
                    start=jnp.repeat(start, num_samples), row=rows, step=jnp.zeros_like(at),
                    live=~jnp.isin(token, eos_ids) & (max_new_tokens > 1))
         slot_state = {k: v.at[at].set(new[k].astype(v.dtype), mode="drop") for k, v in slot_state.items()}
-        return KVCache(tuple(keys), tuple(values)), slot_state, token, logp, raw, new["live"]
+        return KVCache(tuple(keys), tuple(values)), slot_state, _pack(token, logp, raw, new["live"])
 
     def _chunk_impl(self, graphdef, state, cache, slot_state, rng, eos_ids, shards, active, window, steps,
                     max_new_tokens, params, pad_id):
@@ -143,7 +143,7 @@ class RolloutEngine(Sampler):
         _, mine, cache, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[1]["live"]), one_step,
                                                  (jnp.int32(0), mine, cache, out))
         slot_state = {k: v.at[slots].set(mine[k]) for k, v in slot_state.items()}
-        return cache, slot_state, *out, mine["step"], mine["live"]
+        return cache, slot_state, _pack(*out, mine["step"], mine["live"])
 
     def _move_impl(self, cache, slot_state, source, target):
         """Copy slot source[i] onto slot target[i] (buffers and state), one slot at a time, in place."""
@@ -280,19 +280,20 @@ class _Call:
             picked = np.take(a, take, axis=axis)
             return np.where(np.expand_dims(blank, tuple(i for i in range(picked.ndim) if i != axis)), 0, picked)
 
-        outputs = self._run_admit(pick(self.ids), pick(self.mask), pick(self.positions, 1), self.feature_offset[prompts[0]],
-                                  pick(self.next_position), pick(self.start), padded_slots, rows.reshape(-1))
+        packed = self._run_admit(pick(self.ids), pick(self.mask), pick(self.positions, 1),
+                                 self.feature_offset[prompts[0]], pick(self.next_position), pick(self.start),
+                                 padded_slots, rows.reshape(-1))
         self.stats.prefills += 1
-        return tuple(parallel.to_host(a)[:g * self.n] for a in outputs)
+        return tuple(a[:g * self.n] for a in _unpack(parallel.to_host(packed), 0))
 
     def _run_admit(self, ids, mask, positions, offset, next_position, start, slot_ids, rows):
         e = self.engine
         ids, mask, positions = e._shard(ids, mask, positions, axis=(0, 0, 1))
-        self.cache, self.slot_state, *outputs = e._admit(
+        self.cache, self.slot_state, packed = e._admit(
             self.graphdef, self.state, self.cache, self.slot_state, ids, mask, positions, self.features,
             jnp.int32(offset), *(jax.device_put(a) for a in (next_position, start, slot_ids, rows)),
             self.rng, self.eos_ids, self.n, self.max_new_tokens, self.params, self.pad_id)
-        return outputs
+        return packed
 
     def shrink(self) -> None:
         """With no prompt waiting: run on the fewest active slots that hold the live rows, moving rows outside
@@ -327,10 +328,11 @@ class _Call:
         live_slots = np.flatnonzero(self.slot_row >= 0)
         reach = self.width + int(self.slot_step[live_slots].max()) + self.engine.chunk_steps
         window = min(self.total_width, buckets.power_of_two(reach))
-        tokens, logp, raw, step, live = (parallel.to_host(a) for a in self._run_chunk(self.active, window))
+        tokens, logp, raw, step, live = _unpack(parallel.to_host(self._run_chunk(self.active, window)),
+                                                self.engine.chunk_steps)
         mine = self.active_slots()
         made = np.where(self.slot_row[mine] >= 0, step - self.slot_step[mine], 0)
-        steps = int(made.max())
+        steps = int(made.max())  # the steps the chunk ran
         self.stats.chunks += 1
         self.stats.steps += steps
         self.stats.slot_steps += steps * len(mine)
@@ -349,10 +351,10 @@ class _Call:
 
     def _run_chunk(self, active, window):
         e = self.engine
-        self.cache, self.slot_state, *outputs = e._chunk(
+        self.cache, self.slot_state, packed = e._chunk(
             self.graphdef, self.state, self.cache, self.slot_state, self.rng, self.eos_ids, self.shards, active,
             window, e.chunk_steps, self.max_new_tokens, self.params, self.pad_id)
-        return outputs
+        return packed
 
     def precompile(self) -> None:
         """Run every program this call's shapes can meet once, with nothing to do: prefills of padding prompts
@@ -374,6 +376,26 @@ class _Call:
         if len(self.levels) > 1:
             self._run_move([], [])
         self.engine._warm.add(key)
+
+
+def _pack(*arrays):
+    """Per-row results as one int32 array [R, columns] (float32 bit patterns kept): the host fetches one array per
+    program instead of one per result, which across processes is one gather instead of several."""
+    as_int = [jax.lax.bitcast_convert_type(a, jnp.int32) if a.dtype == jnp.float32 else a.astype(jnp.int32)
+              for a in arrays]
+    return jnp.concatenate([a.reshape(a.shape[0], -1) for a in as_int], axis=1)
+
+
+def _unpack(packed: np.ndarray, width: int) -> list[np.ndarray]:
+    """`_pack`'s arrays back: tokens, log-probs and raw log-probs (float32) of `width` columns each (width 0:
+    one column each, as vectors), then one vector per remaining column, the last one boolean."""
+    columns = max(width, 1)
+    parts = [packed[:, i * columns:(i + 1) * columns] for i in range(3)]
+    parts = [p if width else p[:, 0] for p in parts]
+    parts[1], parts[2] = parts[1].view(np.float32), parts[2].view(np.float32)
+    rest = [packed[:, c] for c in range(3 * columns, packed.shape[1])]
+    rest[-1] = rest[-1].astype(bool)
+    return parts + rest
 
 
 ENGINES = ("continuous", "static")
