@@ -11,9 +11,14 @@ The argument is the data root, laid out as docs/data.md describes:
 Flowers102 and Food101 use CoOp's test splits (2,463 and 30,300 images) as the paper does; Pets' TFDS test
 split is CoOp's. `--config.only=cub,pets` runs a subset; `--config.datasets.food.num_examples=2000` a random
 sample of one data set.
+
+The prompt: the paper's main table asks with the general prompt, the one the models were trained with. A
+training checkpoint is asked with its own training prompt and system turn (`speciarl_jax.run_settings`); other
+models with the general prompt. The "be specific" prompt is a separate study: `--config.prompt=specific`,
+which the output and run.json then state as a change from training.
 """
 
-from speciarl_jax.evaluate import default_config
+from speciarl_jax.evaluate import datasets_config, default_config
 
 ORDER = "cub,aircraft,flowers,food,pets,cars"  # the paper's table order
 
@@ -35,9 +40,9 @@ def datasets(root: str) -> dict:
 def get_config(root: str = "/data"):
     config = default_config()
     config.output_dir = "runs/eval/benchmarks"
-    config.datasets = datasets(root)
+    config.datasets = datasets_config(datasets(root))
     config.only = ORDER
-    config.prompt = "general"
+    # prompt and system_prompt stay unset: the run's own for a training checkpoint, else "general" and none.
     config.decoding.mode = "greedy"
     config.decoding.max_new_tokens = 2048
     config.decoding.batch_size = 64

@@ -68,43 +68,62 @@ def default_config():
 
     from speciarl_jax.verifier import VerifierConfig
 
+    unset = mc.config_dict.placeholder
     config = mc.ConfigDict()
-    config.output_dir = "runs/eval"
+    # Settings left unset (None) come from the training run evaluated, or without one from
+    # run_settings.WITHOUT_RUN; see speciarl_jax.run_settings.
+    config.output_dir = unset(str)  # unset: <run>/eval/<step_N> for a training run, else runs/eval
+    # A training run to evaluate as trained: its folder (latest checkpoint), a checkpoint, or its sft_model.
+    config.run = ""
     config.model = mc.ConfigDict(dict(
         kind="qwen",  # "qwen" (a Hugging Face folder) or "simulated"
         path="",  # Hugging Face Qwen2.5-VL folder
         adapter="",  # PEFT folder or adapter checkpoint; "" = the base model as it is
         name="",  # label in tables and plots; "" = derived from path and adapter
-        dtype="bfloat16",
+        dtype=unset(str),
         simulated=dict(seed=0, exact=0.5, child=0.0, parent=0.2, root=0.1, abstain=0.05, wrong=0.1, unparsed=0.05),
     ))
     config.mesh = mc.ConfigDict(dict(enabled=True, data=1, fsdp=-1, tensor=1))
     # name -> data source config (see speciarl_jax.data.config.source_from_config).
     config.datasets = mc.ConfigDict()
     config.only = ""  # comma-separated names: evaluate only these data sets of the config
-    config.prompt = "general"  # a name in data.prompts.PROMPTS or a prompt file
-    config.system_prompt = mc.config_dict.placeholder(str)
-    config.image = mc.ConfigDict(dict(
-        min_pixels=mc.config_dict.placeholder(int),
-        max_pixels=mc.config_dict.placeholder(int),
-        image_size=mc.config_dict.placeholder(tuple),
-    ))
+    config.prompt = unset(str)  # a name in data.prompts.PROMPTS or a prompt file
+    config.system_prompt = unset(str)  # "": no system turn (the chat template's default)
+    config.image = mc.ConfigDict(dict(min_pixels=unset(int), max_pixels=unset(int), image_size=unset(tuple)))
     config.decoding = mc.ConfigDict(dict(
         mode="greedy",  # "greedy" or "best_of_n"
         n=64,  # samples per image for best_of_n
         temperature=0.6,  # best_of_n only; greedy decoding uses temperature 0
         top_p=0.95,
         top_k=0,
-        max_new_tokens=2048,
-        batch_size=16,  # images per generation batch (rows = batch_size x samples)
+        max_new_tokens=unset(int),
+        batch_size=unset(int),  # images per generation batch (rows = batch_size x samples)
         seed=0,
     ))
-    config.data = mc.ConfigDict(dict(worker_count=0, read_threads=2, on_bad_example="raise"))
+    config.data = mc.ConfigDict(dict(worker_count=0, read_threads=2, on_bad_example="raise",
+                                     pad_to_multiple_of=unset(int)))
     config.verifier = mc.ConfigDict(VerifierConfig().to_dict())
     config.verify_chunk = 4096  # answers per verifier call
     config.bootstrap = mc.ConfigDict(dict(samples=1000, seed=0, level=0.95))
     config.plots = True
     return config
+
+
+def datasets_config(entries: Mapping[str, Mapping]):
+    """`config.datasets` from {name: source entry}: each entry holds every key its source kind reads (unset
+    ones as placeholders), so `--config.datasets.<name>.<key>=...` works for any of them."""
+    import ml_collections as mc
+
+    from speciarl_jax.data.config import source_config_dict
+
+    return mc.ConfigDict({name: source_config_dict(entry) for name, entry in entries.items()})
+
+
+def unset_section(section):
+    """A copy of a config section with every value unset (a typed placeholder): filled from the run evaluated."""
+    import ml_collections as mc
+
+    return mc.ConfigDict({k: mc.config_dict.placeholder(type(v)) for k, v in section.items()})
 
 
 def _plain(value):
@@ -118,21 +137,22 @@ def _plain(value):
 
 
 def validate(config) -> None:
-    """Checks the settings evaluate depends on; errors name the key."""
+    """Checks the settings evaluate depends on; errors name the key. Unset values (filled by
+    `run_settings.resolve`) pass."""
     d = config.decoding
     if d.mode not in DECODING_MODES:
         raise ValueError(f"config.decoding.mode must be one of {DECODING_MODES}, got {d.mode!r}")
     if d.mode == "best_of_n" and d.n < 1:
         raise ValueError(f"config.decoding.n must be >= 1, got {d.n}")
     for key in ("max_new_tokens", "batch_size"):
-        if d[key] < 1:
+        if d[key] is not None and d[key] < 1:
             raise ValueError(f"config.decoding.{key} must be >= 1, got {d[key]}")
     if d.mode == "best_of_n" and not (d.temperature > 0 and 0 < d.top_p <= 1):
         raise ValueError(f"config.decoding: best_of_n needs temperature > 0 and top_p in (0, 1], got "
                          f"{d.temperature} / {d.top_p}")
     if config.model.kind not in ("qwen", "simulated"):
         raise ValueError(f"config.model.kind must be 'qwen' or 'simulated', got {config.model.kind!r}")
-    if config.model.kind == "qwen" and not (config.model.path or config.model.adapter):
+    if config.model.kind == "qwen" and not (config.model.path or config.model.adapter or config.run):
         raise ValueError("config.model.path must name a Hugging Face Qwen2.5-VL folder (it may be left out only "
                          "when config.model.adapter is a training checkpoint, whose run config names the base)")
     if not len(config.datasets):
@@ -168,7 +188,7 @@ def model_name(config) -> str:
 
 
 def selected_datasets(config) -> dict[str, dict]:
-    datasets = {name: _plain(cfg) for name, cfg in config.datasets.items()}
+    datasets = {name: {k: v for k, v in _plain(cfg).items() if v is not None} for name, cfg in config.datasets.items()}
     if config.only:
         wanted = [n.strip() for n in config.only.split(",") if n.strip()]
         unknown = sorted(set(wanted) - set(datasets))
@@ -220,10 +240,13 @@ def _dataset_identity(source_config: dict) -> dict:
     return {k: v for k, v in source_config.items() if k not in _SUBSET_KEYS}
 
 
-def check_run_file(output_dir: str, config, datasets: Mapping[str, dict]) -> None:
-    """Writes run.json on the first run; later runs must match it (data sets may be added or resized)."""
+def check_run_file(output_dir: str, config, datasets: Mapping[str, dict], training: dict | None = None) -> None:
+    """Writes run.json on the first run; later runs must match it (data sets may be added or resized).
+    `training`: what was taken from the training run evaluated and what differs from it (not compared)."""
     path = os.path.join(output_dir, RUN_FILE)
     current = {"fingerprint": fingerprint(config), "datasets": {n: _dataset_identity(c) for n, c in datasets.items()}}
+    if training:
+        current["training_run"] = training
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
@@ -419,7 +442,8 @@ class QwenPredictor:
         options = PipelineOptions(
             # "pad" fills the last batch with copies (valid=False): every batch has one shape, one compilation.
             batch_size=batch_size, shuffle=False, num_epochs=1, remainder="pad", prompt=c.prompt,
-            system_prompt=c.system_prompt, on_bad_example=c.data.on_bad_example, worker_count=c.data.worker_count,
+            system_prompt=c.system_prompt or None, pad_to_multiple_of=c.data.pad_to_multiple_of,
+            on_bad_example=c.data.on_bad_example, worker_count=c.data.worker_count,
             read_threads=c.data.read_threads, process_index=0, process_count=1,
         )
         greedy = d.mode == "greedy"
@@ -626,14 +650,17 @@ def evaluate(config) -> list[dict]:
     """Runs (or resumes) the evaluation a config describes and writes its reports; returns the report rows."""
     from tqdm import tqdm
 
-    from speciarl_jax import reports
+    from speciarl_jax import reports, run_settings
     from speciarl_jax.data import Subset, source_from_config
 
+    config, resolution = run_settings.resolve(config)
     validate(config)
+    if resolution.trained is not None:
+        print(resolution.describe(), flush=True)
     output_dir = config.output_dir
     os.makedirs(output_dir, exist_ok=True)
     datasets = selected_datasets(config)
-    check_run_file(output_dir, config, datasets)
+    check_run_file(output_dir, config, datasets, resolution.to_json())
     sources = {name: source_from_config(cfg) for name, cfg in datasets.items()}
     store = RecordStore(output_dir)
     verifier, taxonomy = _make_verifier(config, output_dir, sources)
@@ -688,9 +715,12 @@ def evaluate(config) -> list[dict]:
         "verifier": {"asked": grader.asked, "seconds": grader.seconds, **verifier.total_stats.as_metrics("")},
         "rows": rows,
     }
+    if resolution.trained is not None:
+        summary["training_run"] = resolution.to_json()
     with open(os.path.join(output_dir, METRICS_FILE), "w") as f:
         json.dump(_finite(summary), f, indent=2)
     reports.write_reports(rows, output_dir, plots=config.plots)
+    print(f"Reports in {output_dir}: report.md, metrics.json, metrics.csv" + (", plots" if config.plots else ""))
     return rows
 
 
@@ -705,21 +735,41 @@ def _finite(value):
     return value
 
 
+def command_config(config, run: str = ""):
+    """The config of the command line: the --config file (by default configs/eval_run.py) with --run, if
+    given, as `config.run`."""
+    if run:
+        if config.run and config.run != run:
+            raise ValueError(f"--run={run} and --config.run={config.run} disagree; give one")
+        config.run = run
+    if config.model.kind == "qwen" and not (config.run or config.model.path or config.model.adapter):
+        raise ValueError("nothing to evaluate: name a training run (--run=runs/<name>, its checkpoints/<step> or "
+                         "its sft_model), or a model (--config.model.path=<Hugging Face folder>) with an "
+                         "evaluation config (--config=configs/eval_benchmarks.py:/data)")
+    return config
+
+
 def main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}; settings go through --config.<key>=<value>")
     from absl import flags
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows = evaluate(flags.FLAGS.config)
+    rows = evaluate(command_config(flags.FLAGS.config, flags.FLAGS.run))
     from speciarl_jax import reports
 
     print(reports.markdown_table(rows))
 
 
 if __name__ == "__main__":
-    from absl import app
+    from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "evaluation config file (configs/eval_*.py)", lock_config=True)
+    import configs
+
+    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "eval_run.py"),
+                                    "evaluation config file (configs/eval_*.py); by default configs/eval_run.py, "
+                                    "which evaluates --run as trained", lock_config=True)
+    flags.DEFINE_string("run", "", "a training run to evaluate as trained: runs/<name> (its latest checkpoint), "
+                        "runs/<name>/checkpoints/<step> or runs/<name>/sft_model")
     app.run(main)

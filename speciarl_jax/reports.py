@@ -275,6 +275,19 @@ def load_rows(run_dir: str, name: str | None = None) -> list[dict]:
     return rows
 
 
+def load_runs(runs: Sequence[str], names: Sequence[str | None]) -> list[dict]:
+    """The rows of several evaluation folders, each labelled by its evaluation: the given name, else the model
+    label stored with it, followed by the folder's name when another folder has the same label (two
+    evaluations of one checkpoint, say with two prompts)."""
+    loaded = [load_rows(run, name) for run, name in zip(runs, names)]
+    labels = [rows[0]["model"] if rows else "" for rows in loaded]
+    for run, name, label, rows in zip(runs, names, labels, loaded):
+        if not name and labels.count(label) > 1:
+            for r in rows:
+                r["model"] = f"{label} [{os.path.basename(os.path.normpath(run))}]"
+    return [row for rows in loaded for row in rows]
+
+
 def main(argv):
     del argv
     from absl import flags
@@ -284,7 +297,7 @@ def main(argv):
     names = f.names.split(",") if f.names else [None] * len(runs)
     if len(names) != len(runs):
         raise ValueError(f"--names lists {len(names)} names for {len(runs)} --runs")
-    rows = [row for run, name in zip(runs, names) for row in load_rows(run, name)]
+    rows = load_runs(runs, names)
     if f.datasets:
         keep = set(f.datasets.split(","))
         rows = [r for r in rows if r["dataset"] in keep]
@@ -297,7 +310,8 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("runs", None, "comma-separated evaluation folders (each with metrics.json)", required=True)
-    flags.DEFINE_string("names", "", "comma-separated labels for the runs (default: their model names)")
+    flags.DEFINE_string("names", "", "comma-separated labels for the runs (default: their model labels, "
+                        "with the folder name where two are alike)")
     flags.DEFINE_string("datasets", "", "comma-separated data sets to keep (default: all)")
     flags.DEFINE_string("out", None, "folder for the combined report", required=True)
     flags.DEFINE_bool("connect", False, "join each data set's points in run order (checkpoints of one run)")

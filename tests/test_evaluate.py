@@ -267,10 +267,14 @@ def test_commands(tmp_path):
                f"--config.output_dir={out}", "--config.datasets.synthetic.num_images=30",
                "--config.datasets.synthetic_family.num_images=20", f"--config.model.simulated.exact={exact}",
                f"--config.model.name={name}", "--config.bootstrap.samples=100"]
+        if name == "strong":  # any key of a data set's source kind can be set, not only those the file sets
+            cmd.append("--config.datasets.synthetic.variation=0.5")
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert "| strong |" in done.stdout or "| weak |" in done.stdout
+        assert f"| {name} |" in done.stdout
         runs.append(str(out))
+    saved = [json.loads((tmp_path / name / "run.json").read_text())["datasets"]["synthetic"] for name in ("weak", "strong")]
+    assert "variation" not in saved[0] and saved[1]["variation"] == 0.5
     cmd = [sys.executable, "-m", "speciarl_jax.reports", f"--runs={','.join(runs)}", f"--out={tmp_path / 'both'}",
            "--connect"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)

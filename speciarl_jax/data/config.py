@@ -79,34 +79,65 @@ def benchmark_source(name: str, split: str, *, data_dir=None, root=None) -> Sour
     return TfdsSource(bench.tfds_name, split, data_dir=data_dir)
 
 
+# The keys each source kind reads, with their types; every kind also takes `num_examples` and `subset_seed`.
+SOURCE_FIELDS: dict[str, dict[str, type]] = {
+    "tfds": {"name": str, "split": str, "data_dir": str, "class_names_file": str, "download": bool},
+    "aircraft": {"root": str, "split": str, "level": str, "crop_banner": bool},
+    "manifest": {"path": str, "image_root": str, "name": str},
+    "coop": {"split_file": str, "image_root": str, "split": str, "name": str},
+    "synthetic": {"seed": int, "image_size": tuple, "noise": float, "variation": float, "split": str,
+                  "num_images": int, "label_level": str},
+    "benchmark": {"name": str, "split": str, "data_dir": str, "root": str},
+    "mixed": {"parts": list, "per_source": int, "seed": int},
+}
+SUBSET_FIELDS: dict[str, type] = {"num_examples": int, "subset_seed": int}
+# The synthetic world itself (as opposed to which of its images a source draws).
+WORLD_FIELDS = ("seed", "image_size", "noise", "variation")
+
+
+def source_config_dict(entry: Mapping[str, Any]):
+    """`entry` as an ml_collections ConfigDict holding every key its kind reads, the absent ones as unset
+    placeholders, so that any of them can be set from the command line (`--config.datasets.x.variation=0`)."""
+    import ml_collections as mc
+
+    entry = _as_dict(entry)
+    kind = entry.get("kind")
+    if kind not in SOURCE_FIELDS:
+        raise ValueError(f"data source kind must be one of {sorted(SOURCE_FIELDS)}; got {kind!r}")
+    fields = {**SOURCE_FIELDS[kind], **SUBSET_FIELDS}
+    _take({k: v for k, v in entry.items() if k != "kind"}, set(fields), f"data source {kind!r}")
+    out = mc.ConfigDict({"kind": kind})
+    for key, kind_of in fields.items():
+        if key in entry:
+            out[key] = entry[key]
+        elif kind_of is not list:  # a mixed source's parts are not a command-line value
+            out[key] = mc.config_dict.placeholder(kind_of)
+    return out
+
+
 def source_from_config(cfg: Any) -> Source:
-    """A Source from its configuration (see the module docstring)."""
-    cfg = _as_dict(cfg)
+    """A Source from its configuration (see the module docstring); keys set to None count as absent."""
+    cfg = {k: v for k, v in _as_dict(cfg).items() if v is not None}
     num_examples = cfg.pop("num_examples", None)
     subset_seed = cfg.pop("subset_seed", 42)
     kind = cfg.pop("kind", None)
     where = f"data source {kind!r}"
+    if kind in SOURCE_FIELDS:
+        _take(cfg, set(SOURCE_FIELDS[kind]), where)
     if kind == "tfds":
-        _take(cfg, {"name", "split", "data_dir", "class_names_file", "download"}, where)
         source = TfdsSource(**cfg)
     elif kind == "aircraft":
-        _take(cfg, {"root", "split", "level", "crop_banner"}, where)
         source = AircraftSource(**cfg)
     elif kind == "manifest":
-        _take(cfg, {"path", "image_root", "name"}, where)
         source = ManifestSource(**cfg)
     elif kind == "coop":
-        _take(cfg, {"split_file", "image_root", "split", "name"}, where)
         source = coop_split_source(cfg["split_file"], cfg["image_root"], cfg["split"], name=cfg["name"])
     elif kind == "synthetic":
-        _take(cfg, {"seed", "image_size", "noise", "variation", "split", "num_images", "label_level"}, where)
-        world = SyntheticWorld(**{k: cfg[k] for k in ("seed", "image_size", "noise", "variation") if k in cfg})
+        world = SyntheticWorld(**{k: cfg[k] for k in WORLD_FIELDS if k in cfg})
         source = world.source(**{k: cfg[k] for k in ("split", "num_images", "label_level") if k in cfg})
     elif kind == "benchmark":
-        _take(cfg, {"name", "split", "data_dir", "root"}, where)
         source = benchmark_source(cfg["name"], cfg["split"], data_dir=cfg.get("data_dir"), root=cfg.get("root"))
     elif kind == "mixed":
-        _take(cfg, {"parts", "per_source", "seed"}, where)
         parts = [source_from_config(part) for part in cfg["parts"]]
         source = mixed_set(parts, per_source=cfg.get("per_source", 500), seed=cfg.get("seed", 42))
     else:
