@@ -1,5 +1,6 @@
 """Benchmark evaluation: predict, verify, report (SPEC section 6).
 
+    python -m speciarl_jax.evaluate --run=runs/demo          # a training run, as it was trained
     python -m speciarl_jax.evaluate --config=configs/eval_benchmarks.py \
         --config.model.path=/models/Qwen2.5-VL-7B-Instruct --config.model.adapter=runs/cub/peft \
         --config.output_dir=runs/eval/speciarl-cub
@@ -19,6 +20,9 @@ answers without a verdict. Verdicts are never asked for twice: answers already g
 identical (label, answer) pair is answered from memory, and the verifier's own SQLite cache (by default
 `<output_dir>/verifier_cache.sqlite` for the LLM verifier) covers the rest. Rollouts the verifier failed on
 (`allow_errors`) are not written, so the next run asks for them again.
+
+Settings the config leaves unset come from the training run evaluated, if any (`run_settings`): its prompt,
+system turn, image settings, answer length and synthetic world; differences are stated as changes from training.
 
 The model is a Hugging Face folder (`model.path`) plus, optionally, an adapter (`model.adapter`): a training
 checkpoint (`<run>/checkpoints/<step>`, or the `checkpoints` folder for its latest step; `model.path` may then
@@ -755,7 +759,13 @@ def main(argv):
     from absl import flags
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows = evaluate(command_config(flags.FLAGS.config, flags.FLAGS.run))
+    try:
+        rows = evaluate(command_config(flags.FLAGS.config, flags.FLAGS.run))
+    except (ValueError, FileNotFoundError) as err:  # a wrong setting or path: the message says which
+        import sys
+
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     from speciarl_jax import reports
 
     print(reports.markdown_table(rows))

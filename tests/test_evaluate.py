@@ -275,6 +275,12 @@ def test_commands(tmp_path):
         runs.append(str(out))
     saved = [json.loads((tmp_path / name / "run.json").read_text())["datasets"]["synthetic"] for name in ("weak", "strong")]
     assert "variation" not in saved[0] and saved[1]["variation"] == 0.5
+    # Nothing named, or a folder that is no run: the message says what to give, without a traceback.
+    for extra, message in (([], "nothing to evaluate: name a training run"),
+                           ([f"--run={tmp_path}"], "is not a training run")):
+        done = subprocess.run([sys.executable, "-m", "speciarl_jax.evaluate", *extra], cwd=REPO, capture_output=True,
+                              text=True, timeout=120, env=env)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     cmd = [sys.executable, "-m", "speciarl_jax.reports", f"--runs={','.join(runs)}", f"--out={tmp_path / 'both'}",
            "--connect"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
