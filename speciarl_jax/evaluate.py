@@ -215,8 +215,9 @@ def fingerprint(config) -> dict:
     else:
         model.update(simulated=_plain(config.model.simulated))
     v = config.verifier
-    verifier = {"kind": v.kind, "prompt": v.prompt, "exact_match": v.exact_match,
-                "max_answer_words": v.max_answer_words, "max_answer_chars": v.max_answer_chars}
+    verifier = {"kind": v.kind, "prompt": v.prompt, "exact_match": v.exact_match, "screen": v.screen}
+    if v.screen:
+        verifier.update(max_answer_words=v.max_answer_words, max_answer_chars=v.max_answer_chars)
     verifier.update({"model": v.model} if v.kind == "openai" else {"taxonomy_path": v.taxonomy_path})
     return {
         "model": model,

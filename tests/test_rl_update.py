@@ -262,3 +262,41 @@ def test_remat_keeps_gradients_and_holds_one_layer_of_activations(tiny_checkpoin
                                              update.abstract_totals()).compile()
         temporaries[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temporaries[True] * 5 < temporaries[False], temporaries
+
+
+def test_drgrpo_loss_has_verls_scale_whatever_the_micro_batching(tiny_checkpoint):
+    """seq-mean-token-sum-norm as verl runs it: micro-batches of norm_micro_batch_rows rows, each summed over
+    T_max, averaged. A mini-batch of 16 rows with reference micro-batches of 4 is sum(L m) / (T_max x 4). The
+    first step's loss and gradient (ratio 1, so L = -A) come out so for every micro-batching of ours, and match a
+    gradient taken by hand through a plain forward."""
+    rows, response, parts = 16, 6, 4
+    base = adapted_model(tiny_checkpoint)
+    for i, (_, layer) in enumerate(lora.lora_layers(base)):
+        layer.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.lora_b.shape)
+    batch = text_batch(base.config, rows=rows, samples=4, response=response, seed=5)
+    mask = np.asarray(batch.response_mask, np.float32)
+    advantages = np.asarray(batch.advantages)
+    scale = response * (rows / parts)
+    expected_loss = float((-advantages[:, None] * mask).sum() / scale)
+
+    graphdef, params, rest = nnx.split(base, lora.LoRAWeight, ...)
+
+    def surrogate(params):  # -(1/scale) sum_i A_i sum_t m_it logp_it, from the full logits
+        m = nnx.merge(graphdef, params, rest)
+        logits = m(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids).logits[:, -response - 1:-1]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch.input_ids[:, -response:, None], -1)[..., 0]
+        return -(advantages[:, None] * mask * logp).sum() / scale
+
+    expected_norm = float(optax_norm(jax.grad(surrogate)(params)))
+    for micro, tokens in ((4, None), (16, None), (8, 4 * 13)):
+        model = adapted_model(tiny_checkpoint)
+        nnx.update(model, params)
+        config = update.preset("drgrpo", mini_batch_size=rows, micro_batch_size=micro, max_response_len=response,
+                               norm_micro_batch_rows=parts, micro_batch_tokens=tokens, max_grad_norm=None)
+        metrics = update.Learner(model, config, compiler_options=FAST).step(batch)
+        assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-4), (micro, tokens)
+        assert metrics["grad_norm"] == pytest.approx(expected_norm, rel=1e-3), (micro, tokens)
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum((x.astype(jnp.float32) ** 2).sum() for x in jax.tree.leaves(tree)))

@@ -127,16 +127,21 @@ def test_parse_reply(reply, verdict):
     assert parse_reply(reply) == verdict
 
 
-def test_screening_dedup_and_exact_match_save_calls(server, connect):
+@pytest.mark.parametrize("screen", [False, True])
+def test_screening_dedup_and_exact_match_save_calls(taxonomy, connect, screen):
+    """By default (as the original) every parsed answer but exact matches and repeats reaches the LLM, refusals
+    and lists included; `screen=True` decides those two without a call."""
     pairs = [("samoyed", "dog")] * 5 + [("samoyed", "Samoyed")] * 3 + [("samoyed", None)] * 2
     pairs += [("samoyed", "None"), ("samoyed", "dog or cat"), ("samoyed", "spitz")]
-    verifier = connect(server.url)
-    out = verifier.classify(pairs)
-    assert out == [GENERIC] * 5 + [SPECIFIC] * 3 + [PARSE_FAILURE] * 2 + [ABSTAIN, WRONG, LESS_SPECIFIC]
-    stats = verifier.last_stats
-    assert (stats.exact_matches, stats.parse_failures, stats.refusals, stats.several_options) == (3, 2, 1, 1)
-    assert (stats.distinct, stats.duplicates, stats.llm_requests) == (2, 4, 2)
-    assert server.requests == 2
+    with LoopbackVerifierServer(taxonomy) as server:
+        verifier = connect(server.url, screen=screen)
+        out = verifier.classify(pairs)
+        assert out == [GENERIC] * 5 + [SPECIFIC] * 3 + [PARSE_FAILURE] * 2 + [ABSTAIN, WRONG, LESS_SPECIFIC]
+        stats = verifier.last_stats
+        assert (stats.exact_matches, stats.parse_failures, stats.duplicates) == (3, 2, 4)
+        asked = 2 if screen else 4
+        assert (stats.refusals, stats.several_options) == ((1, 1) if screen else (0, 0))
+        assert (stats.distinct, stats.llm_requests, server.requests) == (asked, asked, asked)
 
 
 def test_concurrency_is_bounded(taxonomy, connect):

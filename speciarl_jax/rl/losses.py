@@ -54,8 +54,9 @@ def aggregation_share(mask, total_tokens, total_rows, num_parts, mode: str):
     aggregate(whole batch) for the three mean modes.
 
     total_tokens / total_rows: the whole batch's masked tokens and non-empty rows. For
-    `seq-mean-token-sum-norm` the share is 1 / num_parts: the reference implementation normalises each
-    micro-batch by the maximum length and averages over micro-batches.
+    `seq-mean-token-sum-norm` the share is 1 / num_parts, whatever the part: the reference implementation sums
+    each of its micro-batches over the maximum length and averages over them, so num_parts counts the
+    reference's micro-batches (`update.norm_parts`), not ours.
     """
     mask = jnp.asarray(mask, jnp.float32)
     if mode == "token-mean":

@@ -58,6 +58,11 @@ class RLConfig:
     clip_c: float | None = 3.0
     loss_agg_mode: str = "token-mean"
     max_response_len: int | None = None  # T_max of `seq-mean-token-sum-norm`; None: the batch's response width
+    # `seq-mean-token-sum-norm` as verl applies it: each micro-batch of this many rows per GPU (its
+    # ppo_micro_batch_size_per_gpu; 32 in the paper) sums its token losses over T_max, and the micro-batches are
+    # averaged (gradient accumulation, then the mean over GPUs). The loss is therefore
+    # sum(L m) / (T_max x mini-batch rows / norm_micro_batch_rows) whatever our own micro-batching.
+    norm_micro_batch_rows: int = 32
     kl_coef: float = 0.01
     kl_kind: str = "low_var_kl"
     entropy_coef: float = 0.0
@@ -100,7 +105,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}.")
         if self.lr_schedule != "constant" and not self.total_steps:
             raise ValueError(f"RLConfig.lr_schedule={self.lr_schedule!r} decays to 0 at total_steps; set total_steps.")
-        for key in ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "micro_batch_tokens"):
+        for key in ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "micro_batch_tokens",
+                    "norm_micro_batch_rows"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"RLConfig.{key} must be >= 1 or None, got {value}.")
@@ -228,6 +234,12 @@ def _restore_row_axis(piece: RolloutBatch, image_features) -> RolloutBatch:
     return piece.replace(position_ids=jnp.moveaxis(piece.position_ids, 0, 1), image_features=image_features)
 
 
+def norm_parts(config: RLConfig, mini_rows: int) -> float:
+    """How many reference micro-batches `seq-mean-token-sum-norm` averages over in a mini-batch of `mini_rows`
+    (at least one)."""
+    return max(1.0, mini_rows / config.norm_micro_batch_rows)
+
+
 def _batch_sizes(config: RLConfig, rows: int) -> tuple[int, int]:
     mini = config.mini_batch_size or rows
     micro = config.micro_batch_size or mini
@@ -283,7 +295,7 @@ def make_train_step(graphdef, config: RLConfig, tx: optax.GradientTransformation
                 def loss_fn(params):
                     model = nnx.merge(graphdef, params, frozen, copy=True)
                     return micro_batch_loss(model, _restore_row_axis(micro_batch, batch.image_features), config, totals,
-                                            num_micro)
+                                            norm_parts(config, rows // num_mini))
 
                 (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
                 return jax.tree.map(jnp.add, carry, (grads, metrics)), None
@@ -620,11 +632,10 @@ class Learner:
                 members = order[k * mini:(k + 1) * mini]
                 plan = self.plan(lengths[members], prompt_columns, host.response_len)
                 mask = np.asarray(host.response_mask)[members]
-                # seq-mean-token-sum-norm averages over micro-batches; its scale stays that of micro-batches of
-                # micro_batch_size rows, whatever the length grouping made of them.
-                num_micro = mini // min(self.config.micro_batch_size or mini, mini)
+                # seq-mean-token-sum-norm: the scale of verl's micro-batches, whatever the length grouping made.
                 totals = {"tokens": np.float32(mask.sum()), "rows": np.float32((mask.sum(-1) > 0).sum()),
-                          "num_micro": np.float32(num_micro), "max_len": np.float32(host.response_len)}
+                          "num_micro": np.float32(norm_parts(self.config, mini)),
+                          "max_len": np.float32(host.response_len)}
                 acc = self._zero_acc(self.state.params)
                 for micro in plan:
                     acc = self._accumulate(acc, self.state.params, self.frozen,

@@ -10,14 +10,17 @@ A verifier turns (ground truth, prediction) pairs into categories:
 (a taxonomy or an LLM) is consulted:
 
 1. a prediction of None (the caller could not parse an answer) is `parse failure`;
-2. both strings are normalised (`rewards.normalize_label`); an empty prediction is `wrong`;
-3. a prediction equal to the ground truth is `specific` (the exact-match fast path);
-4. a prediction over the word or character limit, or one listing several options
-   ("robin or cardinal", "a, b"), is `wrong`;
-5. a refusal ("none", "i don't know") is `abstain`;
-6. the remaining pairs are de-duplicated and each distinct pair goes to the backend once.
+2. both strings are normalised (`rewards.normalize_label`); a prediction with nothing left (only symbols) is
+   `wrong`, as there is nothing to ask about;
+3. a prediction equal to the ground truth is `specific` (the exact-match fast path, `exact_match`);
+4. only with `screen=True` (off by default: the original sends every parsed answer to the LLM, and these
+   rules change verdicts, e.g. "Black-footed Albatross, a large seabird" becomes `wrong` without a call):
+   a prediction over the word or character limit, or one listing several options ("robin or cardinal",
+   "a, b"), is `wrong`, and a refusal ("none", "i don't know") is `abstain`;
+5. the remaining pairs are de-duplicated and each distinct pair goes to the backend once (the LLM verifier
+   answers repeats from its cache).
 
-Subclasses implement `_decide` for step 6 only.
+Subclasses implement `_decide` for step 5 only.
 """
 from __future__ import annotations
 
@@ -78,6 +81,8 @@ class VerifierConfig:
     # Cache and screening.
     cache_path: str = ""  # SQLite file; empty = no persistent cache
     exact_match: bool = True
+    # Decide long answers, several options and refusals without the backend (step 4 above); off: the LLM sees them.
+    screen: bool = False
     max_answer_words: int = 12
     max_answer_chars: int = 120
     # Rule verifier.
@@ -240,6 +245,8 @@ class Verifier:
         if self.config.exact_match and prediction == truth:
             stats.exact_matches += 1
             return cat.SPECIFIC, None
+        if not self.config.screen:
+            return None, (truth, prediction)
         if (len(prediction.split()) > self.config.max_answer_words
                 or len(prediction) > self.config.max_answer_chars):
             stats.too_long += 1
