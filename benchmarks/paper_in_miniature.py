@@ -62,8 +62,9 @@ OPTIMIZER_LABELS = {"grpo": "GRPO", "drgrpo": "Dr.GRPO", "dapo": "DAPO", "sft": 
 # Table columns: the categories in the paper's order, then answers that could not be parsed.
 SHARE_COLUMNS = (cat.SPECIFIC, cat.MORE_SPECIFIC, cat.LESS_SPECIFIC, cat.GENERIC, cat.WRONG, cat.ABSTAIN,
                  cat.PARSE_FAILURE)
-METRICS = ("correctness", "specificity", "hm")
-METRIC_LABELS = {"correctness": "C", "specificity": "S", "hm": "HM"}
+# S among correct answers and S_all among all answers, each with its HM (the paper's formulas are not public).
+METRICS = ("correctness", "specificity", "hm", "specificity_all", "hm_all")
+METRIC_LABELS = {"correctness": "C", "specificity": "S", "hm": "HM", "specificity_all": "S_all", "hm_all": "HM_all"}
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (t_{0.975, df}); above 30, 1.96.
 T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,

@@ -49,7 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source=ml_collections.ConfigDict(dict(kind="benchmark", name="cub", split="train", data_dir="",
                                               num_examples=3000, subset_seed=42)),
-        batch_size=256,  # prompts per step
+        batch_size=256,  # prompts per step (groups per update)
+        # Prompts per generation batch, 0: batch_size. Larger only with dynamic sampling, which fills an update's
+        # batch_size groups from as many generation batches as it takes; epochs count generation batches (verl).
+        generation_batch_size=0,
         seed=0,
         prompt="general",
         system_prompt="",  # "": the chat template's default system turn

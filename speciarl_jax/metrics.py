@@ -1,20 +1,27 @@
 """Evaluation metrics over verifier categories (SPEC section 6), with bootstrap confidence intervals.
 
-For one data set, let n be the number of scored answers (one per image; rollouts the verifier failed on,
-`verifier error`, are left out of n and reported on their own) and #x the number of answers in category x:
+For one data set, let n be the number of answers (one per image; as in the original evaluator, answers the
+verifier failed on, `verifier error`, count in n: they are neither correct nor wrong, score 0, and are also
+reported on their own) and #x the number of answers in category x:
 
     correctness  C  = (#specific + #more specific + #less specific + #generic) / n
     specificity  S  = (#specific + #more specific) / (#specific + #more specific + #less specific + #generic)
     harmonic mean HM = 2 C S / (C + S)
+    specificity over all answers  S_all = (#specific + #more specific) / n,  HM_all = 2 C S_all / (C + S_all)
     score           = mean weight, with specific = more specific = 1, less specific = 0.6, generic = 0.2,
                       abstain = 0, wrong = -1, parse failure = -1
+
+The paper does not publish its exact C and S formulas, so specificity is reported both ways: S among the correct
+answers (how fine the model is when it is right) and S_all among all answers (how often it is right at the finest
+level); they rank methods differently when one trades correctness for specificity.
 
 Parse failures and abstentions count in n, so they lower C. Conventions for the corner cases: with no correct
 answer S = 0 and HM = 0; an empty data set (n = 0) has every metric NaN.
 
-Best-of-N keeps, per image, the answer of lowest rank (`rewards.RANK`: specific = more specific < less
-specific < generic < abstain < wrong), then parse failure, then verifier error; among equally ranked answers
-the one sampled first wins. "Overall" pools the answers of every data set (each image weighs the same); "mean"
+Best-of-N keeps, per image, the answer of lowest rank, as the original evaluator ranks them: more specific <
+specific < less specific < generic < abstain < wrong < parse failure < verifier error (training's reward ties
+more specific with specific; here the finer correct answer wins); among equally ranked answers the one sampled
+first wins. "Overall" pools the answers of every data set (each image weighs the same); "mean"
 averages the per-data-set metrics (each data set weighs the same).
 
 Confidence intervals are percentile bootstraps over images. Every metric here depends on the category counts
@@ -35,7 +42,7 @@ from speciarl_jax.rewards import categories as cat
 
 CATEGORIES: tuple[str, ...] = cat.ALL_CATEGORIES  # the order of every count vector here
 _INDEX = {name: i for i, name in enumerate(CATEGORIES)}
-_SCORED = np.array([name != cat.VERIFIER_ERROR for name in CATEGORIES])
+_SCORED = np.ones(len(CATEGORIES), bool)  # every answer counts in n, verifier errors included
 _CORRECT = np.array([name in cat.CORRECT for name in CATEGORIES])
 _SPECIFIC = np.array([name in (cat.SPECIFIC, cat.MORE_SPECIFIC) for name in CATEGORIES])
 
@@ -50,11 +57,14 @@ SCORE_WEIGHTS: dict[str, float] = {
 }
 _WEIGHTS = np.array([SCORE_WEIGHTS.get(name, 0.0) for name in CATEGORIES])
 
-# Best-of-N order: the verdict ranks, then answers that could not be parsed, then answers never graded.
-SELECTION_RANK: dict[str, int] = {**cat.RANK, cat.PARSE_FAILURE: cat.WRONG_RANK + 1, cat.VERIFIER_ERROR: cat.WRONG_RANK + 2}
+# Best-of-N order (the original evaluator's): finer correct answers first, then answers that could not be parsed,
+# then answers never graded.
+SELECTION_RANK: dict[str, int] = {name: i for i, name in enumerate((
+    cat.MORE_SPECIFIC, cat.SPECIFIC, cat.LESS_SPECIFIC, cat.GENERIC, cat.ABSTAIN, cat.WRONG, cat.PARSE_FAILURE,
+    cat.VERIFIER_ERROR))}
 
-HEADLINE = ("correctness", "specificity", "hm", "score")
-WITH_INTERVALS = ("correctness", "specificity", "hm")
+HEADLINE = ("correctness", "specificity", "hm", "specificity_all", "hm_all", "score")
+WITH_INTERVALS = ("correctness", "specificity", "hm", "specificity_all", "hm_all")
 
 
 def count_categories(categories: Iterable[str]) -> np.ndarray:
@@ -69,7 +79,8 @@ def count_categories(categories: Iterable[str]) -> np.ndarray:
 
 
 def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
-    """C, S, HM and score from counts [..., 8] (any leading shape); each result has the leading shape."""
+    """C, S, HM, S_all, HM_all and score from counts [..., 8] (any leading shape); each result has the leading
+    shape."""
     counts = np.asarray(counts, np.float64)
     n = (counts * _SCORED).sum(-1)
     correct = (counts * _CORRECT).sum(-1)
@@ -78,11 +89,18 @@ def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
         c = np.where(n > 0, correct / np.where(n > 0, n, 1), np.nan)
         s = np.where(correct > 0, specific / np.where(correct > 0, correct, 1), 0.0)
         s = np.where(n > 0, s, np.nan)
+        s_all = np.where(n > 0, specific / np.where(n > 0, n, 1), np.nan)
+        score = np.where(n > 0, (counts * _WEIGHTS).sum(-1) / np.where(n > 0, n, 1), np.nan)
+    return {"correctness": c, "specificity": s, "hm": _harmonic(c, s, n), "specificity_all": s_all,
+            "hm_all": _harmonic(c, s_all, n), "score": score}
+
+
+def _harmonic(c, s, n):
+    """2 c s / (c + s); 0 when both are 0, NaN without answers."""
+    with np.errstate(invalid="ignore", divide="ignore"):
         denominator = c + s
         hm = np.where(denominator > 0, 2 * c * s / np.where(denominator > 0, denominator, 1), 0.0)
-        hm = np.where(n > 0, hm, np.nan)
-        score = np.where(n > 0, (counts * _WEIGHTS).sum(-1) / np.where(n > 0, n, 1), np.nan)
-    return {"correctness": c, "specificity": s, "hm": hm, "score": score}
+    return np.where(n > 0, hm, np.nan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +108,8 @@ class Metrics:
     """The numbers for one data set (or a pool of them).
 
     counts: answers per category (all eight, verifier errors included).
-    n: scored answers (verifier errors excluded): the denominator of C, the shares and the score.
-    intervals: (low, high) bootstrap bounds for C, S and HM; empty when no bootstrap was run.
+    n: all answers (verifier errors included): the denominator of C, S_all, the shares and the score.
+    intervals: (low, high) bootstrap bounds for C, S, HM, S_all and HM_all; empty when no bootstrap was run.
     """
 
     counts: Mapping[str, int]
@@ -99,23 +117,25 @@ class Metrics:
     specificity: float
     hm: float
     score: float
+    specificity_all: float = math.nan  # S over all n answers
+    hm_all: float = math.nan  # HM of C and S_all
     intervals: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     mean_shares: Mapping[str, float] | None = None  # "mean" rows: the data sets' shares averaged
 
     @property
     def n(self) -> int:
-        return sum(v for k, v in self.counts.items() if k != cat.VERIFIER_ERROR)
+        return sum(self.counts.values())
 
     @property
     def verifier_errors(self) -> int:
         return self.counts.get(cat.VERIFIER_ERROR, 0)
 
     def shares(self) -> dict[str, float]:
-        """Share of each category among the n scored answers (NaN when n = 0); verifier errors excluded."""
+        """Share of each category among the n answers (NaN when n = 0), verifier errors included."""
         if self.mean_shares is not None:
             return dict(self.mean_shares)
         n = self.n
-        return {k: (v / n if n else math.nan) for k, v in self.counts.items() if k != cat.VERIFIER_ERROR}
+        return {k: (v / n if n else math.nan) for k, v in self.counts.items()}
 
     def to_dict(self) -> dict:
         """A flat JSON-able record: n, counts, shares, the four metrics and their interval bounds."""
@@ -139,7 +159,7 @@ def _from_counts(counts: np.ndarray, intervals=None) -> Metrics:
 
 
 def _draw(counts: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
-    """[samples, 8] bootstrap counts: n scored answers redrawn with the observed shares; verifier errors kept."""
+    """[samples, 8] bootstrap counts: the n answers redrawn with the observed shares."""
     scored = counts * _SCORED
     n = int(scored.sum())
     draws = np.zeros((samples, len(CATEGORIES)), np.int64)

@@ -23,7 +23,7 @@ from speciarl_jax.rewards import categories as cat
 
 # Category order in tables and bars: best first, parse failures last.
 BAR_CATEGORIES = (cat.SPECIFIC, cat.MORE_SPECIFIC, cat.LESS_SPECIFIC, cat.GENERIC, cat.ABSTAIN, cat.WRONG,
-                  cat.PARSE_FAILURE)
+                  cat.PARSE_FAILURE, cat.VERIFIER_ERROR)
 COLOURS = {
     cat.SPECIFIC: "#1b7837",
     cat.MORE_SPECIFIC: "#5aae61",
@@ -32,9 +32,10 @@ COLOURS = {
     cat.ABSTAIN: "#bababa",
     cat.WRONG: "#d6604d",
     cat.PARSE_FAILURE: "#4d4d4d",
+    cat.VERIFIER_ERROR: "#f4a582",
 }
 SHORT = {cat.SPECIFIC: "spec.", cat.MORE_SPECIFIC: "more", cat.LESS_SPECIFIC: "less", cat.GENERIC: "generic",
-         cat.ABSTAIN: "abstain", cat.WRONG: "wrong", cat.PARSE_FAILURE: "unparsed"}
+         cat.ABSTAIN: "abstain", cat.WRONG: "wrong", cat.PARSE_FAILURE: "unparsed", cat.VERIFIER_ERROR: "verifier err."}
 POOLED = ("overall", "mean")
 MARKERS = "osD^vP*Xph<>"
 
@@ -60,23 +61,26 @@ def _percent(value) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """One line per (model, selection, data set): n, C / S / HM with 95% intervals, score, category shares in %.
+    """One line per (model, selection, data set): n, C / S / HM with 95% intervals, S_all / HM_all (specificity
+    over all answers, its intervals in the CSV and JSON), score, category shares in %.
 
     A "missing" column (images of the selection without an answer: skipped bad examples) appears when any row
     has some."""
     selections = {r["selection"] for r in rows}
     show_missing = any(r.get("missing") for r in rows)
     head = ["model"] + (["selection"] if len(selections) > 1 else []) + ["data set", "n"]
-    head += (["missing"] if show_missing else []) + ["C [95% CI]", "S [95% CI]", "HM [95% CI]", "score"]
-    head += [f"{SHORT[c]} %" for c in BAR_CATEGORIES]
+    head += (["missing"] if show_missing else []) + ["C [95% CI]", "S [95% CI]", "HM [95% CI]", "S_all", "HM_all",
+                                                     "score"]
+    shown = [c for c in BAR_CATEGORIES if c != cat.VERIFIER_ERROR or any(r.get(f"share/{c}") for r in rows)]
+    head += [f"{SHORT[c]} %" for c in shown]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [r["model"]] + ([r["selection"]] if len(selections) > 1 else []) + [r["dataset"], str(r["n"])]
         cells += ([str(r.get("missing", 0))] if show_missing else []) + [
             _with_interval(r, "correctness"), _with_interval(r, "specificity"), _with_interval(r, "hm"),
-            _number(r.get("score")),
+            _number(r.get("specificity_all")), _number(r.get("hm_all")), _number(r.get("score")),
         ]
-        cells += [_percent(r.get(f"share/{c}")) for c in BAR_CATEGORIES]
+        cells += [_percent(r.get(f"share/{c}")) for c in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

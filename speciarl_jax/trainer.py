@@ -152,6 +152,12 @@ def validate(config, process_count: int = 1) -> None:
             problems.append(f"rollout.{key} must be >= 1, got {config.rollout[key]}")
     if config.data.batch_size < 1:
         problems.append(f"data.batch_size must be >= 1, got {config.data.batch_size}")
+    generation = generation_batch_size(config)
+    if generation < config.data.batch_size:
+        problems.append(f"data.generation_batch_size {generation} must be at least data.batch_size "
+                        f"{config.data.batch_size} (0: the same)")
+    if generation % process_count:
+        problems.append(f"data.generation_batch_size {generation} must be a multiple of the {process_count} processes")
     rows = config.data.batch_size * config.rollout.num_samples
     mini = config.rl.get("mini_batch_size", 0) or rows
     if rows % mini:
@@ -169,6 +175,10 @@ def validate(config, process_count: int = 1) -> None:
     except ValueError as err:
         problems.append(f"rl: {err}")
     else:
+        if generation > config.data.batch_size and not rl.dynamic_sampling:
+            problems.append(f"data.generation_batch_size {generation} differs from data.batch_size "
+                            f"{config.data.batch_size}; only dynamic sampling (rl.dynamic_sampling) draws larger "
+                            "generation batches")
         if rl.overlong_buffer and rl.overlong_buffer >= config.rollout.max_new_tokens:
             problems.append(f"rl.overlong_buffer {rl.overlong_buffer} must be below rollout.max_new_tokens "
                             f"{config.rollout.max_new_tokens} (DAPO shapes rewards over the last buffer tokens)")
@@ -184,6 +194,15 @@ def validate(config, process_count: int = 1) -> None:
         raise ValueError("Invalid config: " + "; ".join(problems))
 
 
+class DataUsedUp(Exception):
+    """The configured epochs of training data have all been drawn."""
+
+
+def generation_batch_size(config) -> int:
+    """Prompts per generation batch: data.generation_batch_size, or (0) data.batch_size."""
+    return config.data.get("generation_batch_size", 0) or config.data.batch_size
+
+
 def score(categories, group_ids, reward_cfg, rng: np.random.Generator) -> np.ndarray:
     """One scalar reward per rollout from the verdicts of whole groups."""
     if reward_cfg.noise > 0:
@@ -196,7 +215,7 @@ def score(categories, group_ids, reward_cfg, rng: np.random.Generator) -> np.nda
 def batch_report(categories, prefix: str = "") -> dict[str, float]:
     """Category shares and C / S / HM of a list of verdicts."""
     record = summarize(categories, bootstrap=0).to_dict()
-    out = {f"{prefix}{k}": record[k] for k in ("correctness", "specificity", "hm", "score")}
+    out = {f"{prefix}{k}": record[k] for k in ("correctness", "specificity", "hm", "specificity_all", "hm_all", "score")}
     out.update({f"{prefix}share/{k[6:]}": v for k, v in record.items() if k.startswith("share/")})
     return out
 
@@ -212,8 +231,9 @@ class Rollouts:
     image_features: Any
     texts: list[str]
     categories: list[str]
-    rewards: np.ndarray  # [N]
+    rewards: np.ndarray  # [N] what the advantages use: the reward, plus DAPO's overlong shaping
     group_ids: np.ndarray  # [N]
+    scores: np.ndarray  # [N] the reward before the overlong shaping: what dynamic sampling filters groups on
 
 
 class Trainer:
@@ -237,12 +257,23 @@ class Trainer:
                                            len(self.mesh.devices.flat), plan.device_memory_bytes(config))
         # Each process reads its share of every batch; multihost.gather_batch puts the batch back together.
         self.train_data_cfg = data_config(config.data, extra={
-            "num_epochs": None, "batch_size": config.data.batch_size // jax.process_count()})
+            "num_epochs": None, "batch_size": generation_batch_size(config) // jax.process_count()})
+        self.train_data_cfg.pop("generation_batch_size", None)
         self.processor = Processor.from_pretrained(self.model_dir, **processor_settings(self.train_data_cfg))
         for key in ("min_pixels", "max_pixels", "image_size"):
             self.train_data_cfg.pop(key, None)
         self.pipeline = pipeline_from_config(self.train_data_cfg, self.processor)
-        self.total_steps = config.steps or config.epochs * self.pipeline.batches_per_epoch
+        # As verl counts them: epochs over generation batches. Each update takes at least one, so without
+        # `steps` the run ends when the epochs' generation batches are used up, even if fewer updates were made.
+        self.generation_budget = None if config.steps else config.epochs * self.pipeline.batches_per_epoch
+        self.total_steps = config.steps or self.generation_budget
+        if not self.total_steps and config.epochs:  # (steps = epochs = 0 is a run of SFT only)
+            raise ValueError(
+                f"Invalid config: training would run 0 steps: {config.epochs} epochs of "
+                f"{self.pipeline.batches_per_epoch} batches ({len(self.pipeline.source)} training images, "
+                f"{generation_batch_size(config)} prompts per generation batch, the last partial batch dropped). "
+                "Lower data.batch_size (and rl.mini_batch_size with it), add images, or set steps.")
+        self.generation_batches = 0
 
         self.lora_config = lora_config_of(config)
         self.rl_config = rl_config_of(config, self.total_steps)
@@ -304,6 +335,7 @@ class Trainer:
             "optimizer_steps": int(self.learner.state.step),
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
             "noise_rng": self.noise_rng.bit_generator.state,
+            "generation_batches": self.generation_batches,
             # One iterator state per process (each reads its own shard).
             "data": multihost.allgather_json(self.data_iter.get_state() if self.data_iter is not None else None),
             "config": json.loads(self.config.to_json_best_effort()),
@@ -335,6 +367,7 @@ class Trainer:
         self.step = int(meta["step"])
         self.rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         self.noise_rng.bit_generator.state = meta["noise_rng"]
+        self.generation_batches = int(meta.get("generation_batches", self.step))
         states = meta.get("data")
         if states is not None and len(states) != jax.process_count():
             raise ValueError(f"{checkpointer.directory} step {self.step} was written by a run of {len(states)} "
@@ -361,18 +394,23 @@ class Trainer:
         group_ids = np.repeat(np.arange(len(prompts.labels)), cfg.num_samples)
         pairs = [(label, parse_answer(t)) for label, t in zip(labels, texts)]
         categories = multihost.classify_split(self.verifier, pairs, group_ids)
-        rewards = score(categories, group_ids, self.config.reward, self.noise_rng)
+        scores = score(categories, group_ids, self.config.reward, self.noise_rng)
+        rewards = scores
         if self.rl_config.overlong_buffer:
             rewards = rewards + dapo.overlong_penalty(out.lengths, max_len=cfg.max_new_tokens,
                                                       buffer=self.rl_config.overlong_buffer,
                                                       factor=self.rl_config.overlong_factor)
         timings["verify"] += time.perf_counter() - start
         return Rollouts(prompts, out.tokens, out.response_mask, out.lengths, out.image_features, texts,
-                        list(categories), np.asarray(rewards, np.float32), group_ids)
+                        list(categories), np.asarray(rewards, np.float32), group_ids, np.asarray(scores, np.float32))
 
     def next_prompts(self):
         """The next global batch of prompts (gathered from every process's share), left-padded to the widest
-        prompt batch so far, so the sampler's and the update's programs keep their shapes (see `buckets`)."""
+        prompt batch so far, so the sampler's and the update's programs keep their shapes (see `buckets`).
+        Raises DataUsedUp when the configured epochs' generation batches have all been drawn."""
+        if self.generation_budget is not None and self.generation_batches >= self.generation_budget:
+            raise DataUsedUp(f"the {self.config.epochs} epochs' {self.generation_budget} generation batches are used")
+        self.generation_batches += 1
         batch = multihost.gather_batch(next(self.data_iter), self.processor.pad_token_id)
         extra = self.high_water("prompt", batch.input_ids.shape[1]) - batch.input_ids.shape[1]
         left = ((0, 0), (extra, 0))
@@ -388,7 +426,8 @@ class Trainer:
         kept, generated, dropped = [], 0, 0
         for call in range(self.rl_config.max_generation_batches):
             batch = self.generate_and_grade(self.next_prompts(), jax.random.fold_in(rng, call), timings)
-            informative = dapo.informative_groups(batch.rewards, batch.group_ids)
+            # On the raw reward, as verl filters: the overlong shaping alone does not make a group informative.
+            informative = dapo.informative_groups(batch.scores, batch.group_ids)
             groups = [g for g in range(len(batch.prompts.labels)) if informative[g * self.config.rollout.num_samples]]
             generated += len(batch.prompts.labels)
             dropped += len(batch.prompts.labels) - len(groups)
@@ -502,6 +541,10 @@ class Trainer:
                 metrics = self.rl_step()
             except VerifierError as err:  # raised on every process at the same point (multihost.classify_split)
                 raise self.save_and_stop(f"The verifier failed at step {self.step + 1}: {err}") from err
+            except DataUsedUp as done:  # every process counts the same batches, so all stop here
+                logging.warning("training ends after %d of %d steps: %s (dynamic sampling took more than one "
+                                "generation batch for some updates)", self.step, self.total_steps, done)
+                break
             loss = metrics.get("update/loss", 0.0)
             # The one point of every step where the processes agree whether to stop, save or go on.
             decision = self.stop_flags.agree(self.step + 1, nonfinite=not np.isfinite(loss))
@@ -567,6 +610,7 @@ def merge_rollouts(pieces: list[Rollouts], pad_token_id: int, image_token_id: in
         [c for p in pieces for c in p.categories],
         np.concatenate([p.rewards for p in pieces]),
         np.concatenate([p.group_ids + o for p, o in zip(pieces, offsets)]),
+        np.concatenate([p.scores for p in pieces]),
     )
 
 
@@ -581,13 +625,13 @@ def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_to
         features = table_rows(batch.image_features, np.concatenate([starts[g] + np.arange(counts[g]) for g in groups]))
     return Rollouts(prompts, batch.tokens[rows], batch.response_mask[rows], batch.lengths[rows], features,
                     [batch.texts[r] for r in rows], [batch.categories[r] for r in rows], batch.rewards[rows],
-                    np.repeat(np.arange(len(groups)), num_samples))
+                    np.repeat(np.arange(len(groups)), num_samples), batch.scores[rows])
 
 
 def before_after_table(before: dict, after: dict, prefix: str = "eval/") -> str:
     """A Markdown table of the held-out category shares and C / S / HM before and after training."""
     keys = sorted(k[len(prefix):] for k in after if k.startswith(prefix + "share/"))
-    keys += ["correctness", "specificity", "hm", "score"]
+    keys += ["correctness", "specificity", "hm", "specificity_all", "hm_all", "score"]
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     for key in keys:
         b, a = before.get(prefix + key, float("nan")), after.get(prefix + key, float("nan"))

@@ -24,18 +24,20 @@ def test_formulas_on_a_hand_built_list():
     assert m.score == pytest.approx((4 * 1.0 + 2 * 0.6 + 0.2 + 0.0 - 1.0 - 1.0) / 10)
     shares = m.shares()
     assert shares[cat.SPECIFIC] == pytest.approx(0.3) and shares[cat.PARSE_FAILURE] == pytest.approx(0.1)
-    assert sum(shares.values()) == pytest.approx(1.0) and cat.VERIFIER_ERROR not in shares
+    assert sum(shares.values()) == pytest.approx(1.0) and shares[cat.VERIFIER_ERROR] == 0
     assert m.intervals == {}
     row = m.to_dict()
     assert row["n"] == 10 and row["count/wrong"] == 1 and row["share/generic"] == pytest.approx(0.1)
     assert "correctness_low" not in row
 
 
-def test_verifier_errors_are_reported_but_not_scored():
+def test_verifier_errors_count_in_n_as_in_the_original_evaluator():
+    """Answers the verifier failed on are in the denominator (neither correct nor wrong, score 0), and counted."""
     m = metrics.summarize(MIXED + [cat.VERIFIER_ERROR] * 5, bootstrap=200)
-    assert m.n == 10 and m.verifier_errors == 5
-    assert m.correctness == pytest.approx(0.7)
-    assert m.to_dict()["verifier_errors"] == 5
+    assert m.n == 15 and m.verifier_errors == 5
+    assert m.correctness == pytest.approx(7 / 15) and m.specificity == pytest.approx(4 / 7)
+    assert m.score == pytest.approx((4 * 1.0 + 2 * 0.6 + 0.2 + 0.0 - 1.0 - 1.0) / 15)
+    assert m.to_dict()["verifier_errors"] == 5 and m.shares()[cat.VERIFIER_ERROR] == pytest.approx(5 / 15)
 
 
 def test_corner_cases():
@@ -71,8 +73,9 @@ def test_metrics_from_counts_is_vectorised():
 @pytest.mark.parametrize(
     "samples, expected",
     [
-        ([cat.GENERIC, cat.MORE_SPECIFIC, cat.SPECIFIC], (cat.MORE_SPECIFIC, 1)),  # rank-1 tie: first sampled
-        ([cat.SPECIFIC, cat.MORE_SPECIFIC], (cat.SPECIFIC, 0)),
+        ([cat.GENERIC, cat.MORE_SPECIFIC, cat.SPECIFIC], (cat.MORE_SPECIFIC, 1)),
+        ([cat.SPECIFIC, cat.MORE_SPECIFIC], (cat.MORE_SPECIFIC, 1)),  # the original ranks the finer answer first
+        ([cat.SPECIFIC, cat.GENERIC, cat.SPECIFIC], (cat.SPECIFIC, 0)),  # a tie: the first sampled
         ([cat.WRONG, cat.ABSTAIN, cat.WRONG], (cat.ABSTAIN, 1)),
         ([cat.PARSE_FAILURE, cat.WRONG], (cat.WRONG, 1)),
         ([cat.VERIFIER_ERROR, cat.PARSE_FAILURE], (cat.PARSE_FAILURE, 1)),
@@ -143,3 +146,16 @@ def test_bootstrap_matches_resampling_images():
     wide = metrics.summarize(answers[:50], bootstrap=2000).intervals["correctness"]
     narrow = metrics.summarize(answers * 8, bootstrap=2000).intervals["correctness"]
     assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
+def test_specificity_both_ways_by_hand():
+    """2 specific, 1 more specific, 1 less specific, 1 wrong, 1 parse failure: C = 4/6; S = 3/4 among correct
+    answers, S_all = 3/6 among all; HM = 2CS/(C+S) of each pair."""
+    answers = ["specific", "specific", "more specific", "less specific", "wrong", "parse failure"]
+    m = metrics.summarize(answers, bootstrap=200)
+    c, s, s_all = 4 / 6, 3 / 4, 3 / 6
+    assert (m.correctness, m.specificity, m.specificity_all) == pytest.approx((c, s, s_all))
+    assert m.hm == pytest.approx(2 * c * s / (c + s)) and m.hm_all == pytest.approx(2 * c * s_all / (c + s_all))
+    record = m.to_dict()
+    assert record["specificity_all_low"] <= s_all <= record["specificity_all_high"]
+    assert metrics.summarize(["wrong", "abstain"], bootstrap=0).hm_all == 0.0

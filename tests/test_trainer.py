@@ -153,6 +153,11 @@ def test_config_errors_fail_before_anything_compiles(tmp_path):
         Trainer(small_config(tmp_path, **{"rl.algorithm": "dapo"}))
     with pytest.raises(ValueError, match="model.path is empty"):
         Trainer(small_config(tmp_path, **{"model.tiny": False}))
+    # The ablation trap: fewer images than one batch makes a run of 0 steps, refused before anything runs.
+    with pytest.raises(ValueError, match="training would run 0 steps: 15 epochs of 0 batches"):
+        Trainer(small_config(tmp_path, steps=0, **{"data.source.num_images": 3}))
+    with pytest.raises(ValueError, match="generation_batch_size 8 differs"):
+        Trainer(small_config(tmp_path, **{"data.generation_batch_size": 8}))
 
 
 def test_before_after_table():
@@ -163,3 +168,43 @@ def test_before_after_table():
     table = before_after_table(before, after)
     assert "| share/specific | 0.100 | 0.400 | +0.300 |" in table
     assert "| correctness | 0.900 | 0.880 | -0.020 |" in table
+
+
+def test_dynamic_sampling_filters_on_raw_rewards_and_counts_generation_batches(tmp_path, warm_model, monkeypatch):
+    """DAPO with 8-prompt generation batches for 4-group updates over 24 images and one epoch: three generation
+    batches in all (as verl counts epochs). Groups are kept on their raw reward: a group whose raw rewards agree
+    is dropped even when the overlong shaping makes its rewards differ. An update that needs two generation
+    batches merges them; the next one finds the data used up."""
+    from speciarl_jax.trainer import DataUsedUp, Rollouts, merge_rollouts
+
+    config = rl_config(tmp_path, warm_model, steps=0, epochs=1, **{
+        "rl.algorithm": "dapo", "rl.overlong_buffer": 4, "data.generation_batch_size": 8,
+        "data.source.num_images": 24})
+    trainer = Trainer(config)
+    assert trainer.generation_budget == trainer.total_steps == 3
+    trainer.data_iter = trainer.pipeline.iterator()
+    samples = config.rollout.num_samples
+
+    def fake_rollouts(prompts, rng, timings):  # groups 1 and 5 have differing raw rewards; all differ once shaped
+        groups = len(prompts.labels)
+        scores = np.zeros((groups, samples), np.float32)
+        scores[[1, 5], 0] = 1.0
+        rewards = scores + np.linspace(-0.5, 0, samples)[None]
+        rows = groups * samples
+        return Rollouts(prompts, np.zeros((rows, 3), np.int32), np.ones((rows, 3), np.int32), np.full(rows, 3),
+                        None, ["t"] * rows, ["wrong"] * rows, rewards.reshape(-1), np.repeat(np.arange(groups), samples),
+                        scores.reshape(-1))
+
+    monkeypatch.setattr(trainer, "generate_and_grade", fake_rollouts)
+    pieces, extra = trainer.collect(jax.random.key(0), {})
+    assert extra == {"dapo/generation_batches": 2, "dapo/dropped_groups": 12, "dapo/generated_groups": 16}
+    first = trainer.pipeline.iterator()
+    ids = [next(first).sample_ids for _ in range(2)]
+    merged = merge_rollouts(pieces, trainer.processor.pad_token_id, trainer.model.config.image_token_id)
+    assert merged.prompts.sample_ids == [ids[0][1], ids[0][5], ids[1][1], ids[1][5]]
+    np.testing.assert_array_equal(merged.group_ids, np.repeat(np.arange(4), samples))
+    np.testing.assert_array_equal(merged.scores.reshape(4, samples)[:, 0], 1.0)
+    assert trainer.generation_batches == 2
+    with pytest.raises(DataUsedUp):  # one batch is left: two informative groups, then nothing to draw
+        trainer.collect(jax.random.key(1), {})
+    assert trainer.generation_batches == 3
