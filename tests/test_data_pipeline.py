@@ -15,8 +15,10 @@ from speciarl_jax.data import (
     ManifestSource,
     Pipeline,
     PipelineOptions,
+    Prompt,
     SyntheticWorld,
     get_prompt,
+    load_prompt,
     pipeline_from_config,
 )
 from speciarl_jax.models.qwen2_5_vl.tiny import build_tokenizer
@@ -131,6 +133,38 @@ def test_prompts_by_name_and_file(tmp_path, fixed_processor, shapes):
     pipeline = Pipeline(shapes, fixed_processor, options(prompt=str(prompt_file), system_prompt="Be brief."))
     text = fixed_processor.decode(next(iter(pipeline)).input_ids[0], skip_special_tokens=False)
     assert "Which shape is this?" in text and "Be brief." in text and "helpful assistant" not in text
+
+
+def test_original_ndjson_prompt_files_are_used_verbatim(tmp_path, fixed_processor, shapes):
+    """A prompt file in the original's NDJSON form: the line not tied to a data set, its text stripped, its system
+    prompt as the system turn (unless the options set one); the tokens equal those of the same chat built by hand."""
+    import json
+
+    lines = [
+        {"name": "mine", "system_prompt": "", "user_prompt_template": "\nSort the picture.\nWrap the label in "
+         "<answer> </answer>.\n", "requires_reasoning": True, "answer_format": {"type": "tag", "value": "answer"},
+         "dataset_specific": None},
+        {"name": "birds only", "system_prompt": "", "user_prompt_template": "Which bird?", "dataset_specific": "cub200"},
+    ]
+    path = tmp_path / "mine.ndjson"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert load_prompt(str(path)) == Prompt("Sort the picture.\nWrap the label in <answer> </answer>.")
+    batch = next(iter(Pipeline(shapes, fixed_processor, options(prompt=str(path)))))
+    expected = fixed_processor.chat_prompt("Sort the picture.\nWrap the label in <answer> </answer>.", 1)
+    got = fixed_processor.decode(batch.input_ids[0][batch.attention_mask[0] > 0], skip_special_tokens=False)
+    assert got.replace("<|image_pad|>", "") == expected.replace("<|image_pad|>", "")
+    lines[0]["system_prompt"] = "You sort pictures."
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert load_prompt(str(path)).system == "You sort pictures."
+    text = fixed_processor.decode(next(iter(Pipeline(shapes, fixed_processor, options(prompt=str(path))))).input_ids[0],
+                                  skip_special_tokens=False)
+    assert "You sort pictures." in text and "helpful assistant" not in text
+    path.write_text(json.dumps(lines[1]) + "\n")
+    with pytest.raises(ValueError, match="holds 0 prompts not tied to a data set"):
+        load_prompt(str(path))
+    path.write_text('{"name": "x"}\n')
+    with pytest.raises(ValueError, match="mine.ndjson:1 has no \"user_prompt_template\""):
+        load_prompt(str(path))
 
 
 # --- order, shards, remainders ----------------------------------------------------------------------

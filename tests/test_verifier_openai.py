@@ -366,3 +366,59 @@ def test_closed_verifier_refuses_work(server):
     verifier.close()  # twice is fine
     with pytest.raises(VerifierError, match="closed"):
         verifier.classify(PAIRS[:1])
+
+
+REGISTRY = '''\
+CATEGORIES = ["specific", "less specific", "generic", "more specific", "wrong", "abstain"]
+
+FIRST = {
+    "name": "first_single",
+    "system_prompt": """
+You grade a label against the truth.
+Examples: "b1rd" is wrong.
+""",
+    "prompt": """Grade the object below.
+
+INPUT:
+%s""",
+    "categories": CATEGORIES,
+}
+
+OTHER = {"name": "other", "system_prompt": "", "prompt": "Other: %s", "categories": CATEGORIES}
+
+PROMPT_REGISTRY = {"first_single": FIRST, "other": OTHER}
+raise SystemExit("this file is parsed, never run")
+'''
+
+
+def test_prompt_files_are_sent_verbatim(taxonomy, connect, tmp_path):
+    """A registry in the original's form (read, not run) and a JSON prompt: system turn as written, the user
+    template filled with the pair as compact JSON; the verdicts still come back through the server."""
+    from speciarl_jax.verifier.prompts import build_messages, load_prompt
+
+    registry = tmp_path / "classification.py"
+    registry.write_text(REGISTRY)
+    prompt = load_prompt(f"{registry}:first_single")
+    messages = build_messages(prompt, "golden-winged warbler", "warbler \u00e9")
+    assert messages == [
+        {"role": "system", "content": "\nYou grade a label against the truth.\nExamples: \"b1rd\" is wrong.\n"},
+        {"role": "user", "content": 'Grade the object below.\n\nINPUT:\n'
+                                    '{"ground_truth":"golden-winged warbler","prediction":"warbler \u00e9"}'},
+    ]
+    assert build_messages(load_prompt(f"{registry}:other"), "a", "b") == [
+        {"role": "user", "content": 'Other: {"ground_truth":"a","prediction":"b"}'}]
+    assert prompt.cache_name != load_prompt("standard").cache_name
+    as_json = tmp_path / "mine.json"
+    as_json.write_text('{"name": "mine", "system": "Grade it.", "user": "Pair: %s"}')
+    with LoopbackVerifierServer(taxonomy) as server:
+        for spec in (f"{registry}:first_single", str(as_json)):
+            verifier = connect(server.url, prompt=spec)
+            assert verifier.classify(PAIRS) == EXPECTED
+        assert server.recent_requests[-1]["messages"][0]["content"] == "Grade it."
+    with pytest.raises(ValueError, match="no prompt entry named 'missing'.*'first_single', 'other'"):
+        load_prompt(f"{registry}:missing")
+    with pytest.raises(ValueError, match="verifier config: prompt=.* is neither one of"):
+        make_verifier(_config("http://127.0.0.1:1", prompt="nowhere"))
+    as_json.write_text('{"user": "no slot"}')
+    with pytest.raises(ValueError, match="exactly one %s"):
+        load_prompt(str(as_json))

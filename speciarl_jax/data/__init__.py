@@ -2,7 +2,7 @@
 
 from .config import BENCHMARKS, benchmark_source, pipeline_from_config, source_from_config
 from .pipeline import Batch, BatchIterator, EpochReport, Pipeline, PipelineOptions, collate
-from .prompts import PROMPTS, get_prompt, load_prompt_file
+from .prompts import PROMPTS, Prompt, get_prompt, load_prompt, load_prompt_file
 from .selection import Concat, Subset, mixed_set, random_subset, sample_ids
 from .sources import (
     AircraftSource,

@@ -37,7 +37,7 @@ from absl import logging
 from speciarl_jax.processing import IMAGE_TOKEN
 
 from .image_ops import ImagePatcher
-from .prompts import get_prompt
+from .prompts import load_prompt
 from .sources import BadExampleError, Source
 
 REMAINDERS = ("drop", "keep", "pad")
@@ -59,7 +59,8 @@ class PipelineOptions:
               the same number of batches).
     on_bad_example: "raise" stops at the first bad example with an error naming it; "skip" leaves it out,
       counts it, and reports the skipped ids at the end of the epoch (and in `BatchIterator.reports`).
-    prompt: a name in `prompts.PROMPTS` ("general", "specific") or the path of a prompt text file.
+    prompt: a name in `prompts.PROMPTS` ("general", "specific"), the path of a prompt text file, or an NDJSON
+      prompt file in the original SpeciaRL format (see `prompts`).
     system_prompt: optional system turn; None keeps the chat template's default.
     pad_to_multiple_of: T is rounded up to a multiple of this, to bound recompilations.
     worker_count: grain worker processes for the per-example work (0 = in this process).
@@ -306,8 +307,10 @@ class Pipeline:
 
     def __init__(self, source: Source, processor, options: PipelineOptions):
         self.source, self.processor, self.options = source, processor, options
-        self.instruction = get_prompt(options.prompt)
-        text = processor.chat_prompt(self.instruction, num_images=1, system=options.system_prompt)
+        prompt = load_prompt(options.prompt)
+        self.instruction = prompt.instruction
+        # A system turn set in the options wins over one a prompt file brings.
+        text = processor.chat_prompt(self.instruction, num_images=1, system=options.system_prompt or prompt.system)
         prefix, suffix = text.split(IMAGE_TOKEN)
         # The prompt text is the same for every example; only the number of image pads differs. Special tokens
         # split the text before the BPE runs, so tokenizing the two halves once gives the same ids as

@@ -65,7 +65,9 @@ class VerifierConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "Qwen/Qwen3-30B-A3B-Instruct-2507"
     api_key_env: str = ""
-    prompt: str = "standard"  # a key of verifier.prompts.PROMPTS
+    # A key of verifier.prompts.PROMPTS, or a prompt file: a .json prompt, or the original's registry as
+    # <file>.py:<entry> (see verifier.prompts.load_prompt).
+    prompt: str = "standard"
     guided: str = "structured_choice"  # one of GUIDED_MODES
     disable_thinking: bool = True  # sends chat_template_kwargs={"enable_thinking": False} (vLLM)
     max_tokens: int = 16
@@ -99,10 +101,12 @@ class VerifierConfig:
             bad("kind", f"must be one of {KINDS}")
         if self.guided not in GUIDED_MODES:
             bad("guided", f"must be one of {GUIDED_MODES}")
-        from speciarl_jax.verifier.prompts import PROMPTS  # local: prompts imports nothing of ours
+        from speciarl_jax.verifier.prompts import load_prompt  # local: prompts imports nothing of ours
 
-        if self.prompt not in PROMPTS:
-            bad("prompt", f"must be one of {sorted(PROMPTS)}")
+        try:
+            load_prompt(self.prompt)
+        except (OSError, ValueError, SyntaxError) as err:
+            bad("prompt", f"is not usable: {err}")
         for key in ("concurrency", "max_tokens", "max_answer_words", "max_answer_chars"):
             if getattr(self, key) < 1:
                 bad(key, "must be at least 1")

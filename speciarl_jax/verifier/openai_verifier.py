@@ -43,7 +43,7 @@ from absl import logging
 from speciarl_jax.rewards import categories as cat
 from speciarl_jax.verifier.base import ClassifyStats, NormalizedPair, Verifier, VerifierConfig, VerifierError
 from speciarl_jax.verifier.cache import VerdictCache
-from speciarl_jax.verifier.prompts import JSON_SCHEMA_RESPONSE_FORMAT, PROMPTS, build_messages
+from speciarl_jax.verifier.prompts import JSON_SCHEMA_RESPONSE_FORMAT, build_messages, load_prompt
 
 _RETRYABLE_STATUS = (408, 409, 429)
 _CONNECTIONS_PER_CLIENT = 16
@@ -144,7 +144,7 @@ class OpenAIVerifier(Verifier):
 
     def __init__(self, config: VerifierConfig, cache: VerdictCache | None = None):
         super().__init__(config)
-        self.prompt = PROMPTS[config.prompt]
+        self.prompt = load_prompt(config.prompt)
         api_key = read_api_key(config.api_key_env)
         if cache is None and config.cache_path:
             cache = VerdictCache(config.cache_path, config.model, self.prompt.cache_name)

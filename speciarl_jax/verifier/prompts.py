@@ -8,12 +8,21 @@ words. `read_pair` is the inverse, used by the loopback server.
 
 A prompt's cache name is its key plus a short hash of its text, so editing a prompt
 never serves verdicts cached under the old wording.
+
+`load_prompt` also reads a prompt from a file, for running with another wording exactly:
+  * a JSON file {"name": ..., "system": ..., "user": ...}, where "user" is a %-template that receives the pair
+    as one line of compact JSON ({"ground_truth": ..., "prediction": ...});
+  * the original SpeciaRL verifier's prompt registry (a Python file of dicts with "name", "system_prompt" and
+    "prompt"), as `<file>.py:<entry name>` (default entry `ver_base_single`, the one its training used). The
+    file is parsed, never run; its texts are used verbatim, the pair filled in as that project fills it.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
+import os
 import re
 
 from speciarl_jax.rewards.categories import VERDICTS
@@ -57,10 +66,12 @@ _CLOSING = "Answer with the label alone, in lower case, nothing else."
 class Prompt:
     name: str
     system: str
+    # "": the user turn is our own <pair> block; else a %-template filled with the pair as compact JSON.
+    user: str = ""
 
     @property
     def cache_name(self) -> str:
-        digest = hashlib.sha256(self.system.encode("utf-8")).hexdigest()[:10]
+        digest = hashlib.sha256((self.system + "\0" + self.user).encode("utf-8")).hexdigest()[:10]
         return f"{self.name}/{digest}"
 
 
@@ -70,6 +81,7 @@ PROMPTS: dict[str, Prompt] = {
 }
 
 _PAIR_BLOCK = re.compile(r"<pair>\s*(\{.*?\})\s*</pair>", re.DOTALL)
+_COMPACT_PAIR = re.compile(r'\{"ground_truth":.*\}')  # the pair as a file's template receives it: one line
 
 
 def encode_pair(ground_truth: str, prediction: str) -> str:
@@ -80,18 +92,80 @@ def encode_pair(ground_truth: str, prediction: str) -> str:
 
 def build_messages(prompt: Prompt, ground_truth: str, prediction: str) -> list[dict[str, str]]:
     """Chat messages asking for the verdict on one (normalised) pair."""
-    user = f"Grade this pair.\n<pair>\n{encode_pair(ground_truth, prediction)}\n</pair>"
-    return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]
+    if prompt.user:
+        pair = json.dumps({"ground_truth": ground_truth, "prediction": prediction}, ensure_ascii=False,
+                          separators=(",", ":"))
+        user = prompt.user % pair
+    else:
+        user = f"Grade this pair.\n<pair>\n{encode_pair(ground_truth, prediction)}\n</pair>"
+    system = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    return system + [{"role": "user", "content": user}]
+
+
+def load_prompt(spec: str) -> Prompt:
+    """A built-in prompt by name, or one read from a file (see the module docstring)."""
+    if spec in PROMPTS:
+        return PROMPTS[spec]
+    path, _, entry = spec.partition(".py:") if ".py:" in spec else (spec, "", "")
+    path = path + ".py" if entry else path
+    if not os.path.isfile(path):
+        raise ValueError(f"verifier prompt {spec!r} is neither one of {sorted(PROMPTS)} nor a file (a .json "
+                         "prompt, or the original's registry as <file>.py:<entry>)")
+    if path.endswith(".py"):
+        return _registry_entry(path, entry or "ver_base_single")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"verifier prompt file {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("system", ""), str) or not data.get("user"):
+        raise ValueError(f"verifier prompt file {path} needs a JSON object with a \"user\" template (and "
+                         "optionally \"system\" and \"name\")")
+    return _checked(Prompt(str(data.get("name") or os.path.basename(path)), data.get("system", ""), data["user"]), path)
+
+
+def _registry_entry(path: str, name: str) -> Prompt:
+    """The entry `name` of a Python file of prompt dicts, read with `ast` (nothing in the file runs)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Dict):
+            continue
+        fields = {}
+        for key, value in zip(node.keys, node.values):
+            if isinstance(key, ast.Constant) and key.value in ("name", "system_prompt", "prompt"):
+                try:
+                    fields[key.value] = ast.literal_eval(value)
+                except ValueError:
+                    pass
+        if "name" in fields:
+            found.append(fields["name"])
+            if fields["name"] == name and isinstance(fields.get("prompt"), str):
+                return _checked(Prompt(name, fields.get("system_prompt", ""), fields["prompt"]), path)
+    raise ValueError(f"{path} has no prompt entry named {name!r} with literal texts (entries: {sorted(set(found))})")
+
+
+def _checked(prompt: Prompt, where: str) -> Prompt:
+    try:
+        prompt.user % "{}"
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"verifier prompt from {where}: the user template must hold exactly one %s for the pair "
+                         f"({err})") from None
+    return prompt
 
 
 def read_pair(messages: list[dict]) -> tuple[str, str]:
-    """(ground truth, prediction) from messages made by `build_messages`; ValueError otherwise."""
+    """(ground truth, prediction) from messages made by `build_messages` (either user form); ValueError
+    otherwise."""
     for message in reversed(messages):
         if message.get("role") != "user" or not isinstance(message.get("content"), str):
             continue
         blocks = _PAIR_BLOCK.findall(message["content"])
+        if not blocks:  # a file's template: the pair is the line holding a JSON object
+            blocks = _COMPACT_PAIR.findall(message["content"])
         if len(blocks) != 1:
-            raise ValueError(f"expected exactly one <pair> block, found {len(blocks)}")
+            raise ValueError(f"expected exactly one pair in the user message, found {len(blocks)}")
         data = json.loads(blocks[0])
         if set(data) != {"ground_truth", "prediction"}:
             raise ValueError(f"pair object has fields {sorted(data)}")
