@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
         # micro-batch spans prompt + max_new_tokens columns, micro_batch_size rows or the whole mini-batch).
         micro_batch_tokens=16384,
         max_response_len=0,  # 0: the batch's response width (T_max of seq-mean-token-sum-norm)
+        # seq-mean-token-sum-norm (Dr.GRPO) at verl's scale: the rows of the original's micro-batches (its
+        # ppo_micro_batch_size_per_gpu), whatever ours are; see rl.update.RLConfig.
+        norm_micro_batch_rows=32,
         remat=True,
     ))
     c.sft = ml_collections.ConfigDict(dict(
@@ -113,3 +116,25 @@ def base_config() -> ml_collections.ConfigDict:
         train_vision=False,  # also train the vision tower (the paper keeps it frozen)
     ))
     return c
+
+
+# Where the original read each data set, under one data root (the layout docs/data.md describes): CUB and Cars
+# from prepared TFDS data, FGVC-Aircraft variants from its archive (its own train / test lists), Flowers102 and
+# Food101 from CoOp's split files, Pets from CoOp's split for training (its test split equals TFDS's).
+COOP_FILES = {
+    "flowers": ("split_zhou_OxfordFlowers.json", "oxford_flowers/jpg"),
+    "food": ("split_zhou_Food101.json", "food-101/images"),
+    "pets": ("split_zhou_OxfordPets.json", "oxford_pets/images"),
+}
+
+
+def paper_source(name: str, split: str, root: str = "/data") -> dict:
+    """The source entry of one of the six data sets, split "train" or "test", as the original used it."""
+    if name == "aircraft":
+        return dict(kind="aircraft", root=f"{root}/fgvc-aircraft-2013b", split=split, level="variant")
+    if name in COOP_FILES and (split == "train" or name != "pets"):
+        split_file, images = COOP_FILES[name]
+        return dict(kind="coop", split_file=f"{root}/coop/{split_file}", image_root=f"{root}/coop/{images}",
+                    split=split, name=name)
+    return dict(kind="benchmark", name=name, split=split, data_dir=f"{root}/tfds")
+

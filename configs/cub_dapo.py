@@ -1,9 +1,15 @@
-"""The baseline with DAPO: eps 0.2 / 0.28, dual clip 10, overlong shaping, and dynamic sampling.
+"""The baseline with DAPO: eps 0.2 / 0.28, dual clip 10, no KL, token-mean, overlong shaping (buffer 512,
+factor 1), and dynamic sampling as the original ran it: generation batches of 768 prompts, groups kept on the
+raw reward until 256 are gathered (at most 10 generation batches), epochs counted over generation batches (3 per
+epoch over 3,000 images, so at most 45 updates in 15 epochs).
 
-`--config=configs/cub_dapo.py:nodynamic` turns dynamic sampling off (the paper reports both).
+`--config=configs/cub_dapo.py:nodynamic` turns dynamic sampling off (256-prompt batches, 165 updates);
+`:reward3` and `:nodynamic,reward3` train with the static binary reward (the paper's comparison).
 """
 
 from configs.cub_grpo import get_config as grpo
+
+VARIANTS = ("nodynamic", "reward3")
 
 
 def get_config(variant: str = ""):
@@ -11,9 +17,17 @@ def get_config(variant: str = ""):
     c.name = "cub_dapo"
     c.rl.algorithm = "dapo"
     c.rl.dynamic_sampling = True
-    if variant == "nodynamic":
-        c.name = "cub_dapo_nodynamic"
+    c.rl.max_generation_batches = 10
+    c.data.generation_batch_size = 768
+    chosen = [v for v in variant.split(",") if v]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"configs/cub_dapo.py: unknown variant(s) {unknown} (known: {VARIANTS})")
+    if "nodynamic" in chosen:
+        c.name += "_nodynamic"
         c.rl.dynamic_sampling = False
-    elif variant:
-        raise ValueError(f"configs/cub_dapo.py: unknown variant {variant!r} (only 'nodynamic')")
+        c.data.generation_batch_size = 0
+    if "reward3" in chosen:
+        c.name += "_reward3"
+        c.reward.kind, c.reward.table = "static", "reward3"
     return c

@@ -18,23 +18,14 @@ models with the general prompt. The "be specific" prompt is a separate study: `-
 which the output and run.json then state as a change from training.
 """
 
+from configs.common import paper_source
 from speciarl_jax.evaluate import datasets_config, default_config
 
 ORDER = "cub,aircraft,flowers,food,pets,cars"  # the paper's table order
 
 
 def datasets(root: str) -> dict:
-    tfds_dir, coop = f"{root}/tfds", f"{root}/coop"
-    return {
-        "cub": {"kind": "benchmark", "name": "cub", "split": "test", "data_dir": tfds_dir},
-        "aircraft": {"kind": "aircraft", "root": f"{root}/fgvc-aircraft-2013b", "split": "test", "level": "variant"},
-        "flowers": {"kind": "coop", "split_file": f"{coop}/split_zhou_OxfordFlowers.json",
-                    "image_root": f"{coop}/oxford_flowers/jpg", "split": "test", "name": "flowers"},
-        "food": {"kind": "coop", "split_file": f"{coop}/split_zhou_Food101.json",
-                 "image_root": f"{coop}/food-101/images", "split": "test", "name": "food"},
-        "pets": {"kind": "benchmark", "name": "pets", "split": "test", "data_dir": tfds_dir},
-        "cars": {"kind": "benchmark", "name": "cars", "split": "test", "data_dir": tfds_dir},
-    }
+    return {name: paper_source(name, "test", root) for name in ORDER.split(",")}
 
 
 def get_config(root: str = "/data"):
