@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 
+from speciarl_jax import metrics
 from speciarl_jax.verifier import Taxonomy, make_verifier
 from speciarl_jax.verifier.server import LoopbackVerifierServer
 
@@ -112,14 +113,17 @@ def realistic_step(species: list[str], seed: int) -> list[tuple[str, str | None]
     return pairs
 
 
-def time_step(url: str, pairs, concurrency: int, cache_path: str = "") -> tuple[float, object]:
-    verifier = make_verifier({"kind": "openai", "base_url": url, "model": "loopback",
+def time_step(url: str, pairs, concurrency: int, cache_path: str = "", screen: bool = False, verdicts=None):
+    """(seconds, stats) of one classify call over `pairs`; `verdicts`, a list, receives the categories."""
+    verifier = make_verifier({"kind": "openai", "base_url": url, "model": "loopback", "screen": screen,
                               "concurrency": concurrency, "cache_path": cache_path, "timeout_s": 30.0})
     try:
         if not cache_path:
             verifier.classify(pairs[:concurrency])  # opens the connections before the clock starts
         start = time.perf_counter()
-        verifier.classify(pairs)
+        categories = verifier.classify(pairs)
+        if verdicts is not None:
+            verdicts.extend(categories)
         return time.perf_counter() - start, verifier.last_stats
     finally:
         verifier.close()
@@ -163,25 +167,33 @@ def main() -> None:
         print(f"2. the same step from the cache: {seconds:.3f} s ({stats.cache_hits} hits, "
               f"{stats.llm_requests} requests)")
 
-        with tempfile.TemporaryDirectory() as directory:
-            cache_path = os.path.join(directory, "verdicts.sqlite")
-            steps = {}
-            for name, seed in (("first step, cold cache", 1), ("next step, warm cache", 2)):
-                _, stats = time_step(server.url, realistic_step(species, seed), 64, cache_path)
-                steps[name] = stats
-        print("3. realistic steps (256 prompts x 10 rollouts; answers repeat within groups)")
+        steps, verdicts = {}, {}
+        for screen in (False, True):
+            with tempfile.TemporaryDirectory() as directory:
+                cache_path = os.path.join(directory, "verdicts.sqlite")
+                for name, seed in (("first step, cold cache", 1), ("next step, warm cache", 2)):
+                    name += ", screened" if screen else ""
+                    verdicts[name] = []
+                    _, stats = time_step(server.url, realistic_step(species, seed), 64, cache_path, screen,
+                                         verdicts[name])
+                    steps[name] = stats
+        print("3. realistic steps (256 prompts x 10 rollouts; answers repeat within groups), as the original "
+              "(every parsed answer to the LLM but exact matches and repeats) and with verifier.screen=True")
         fields = [("parse failures (no call)", "parse_failures"), ("exact match -> specific", "exact_matches"),
                   ("refusal -> abstain", "refusals"), ("several options -> wrong", "several_options"),
                   ("too long -> wrong", "too_long"), ("empty -> wrong", "empty"),
                   ("duplicates in the batch", "duplicates"), ("cache hits", "cache_hits"),
                   ("LLM requests sent", "llm_requests")]
-        print(f"   {'':32s}" + "".join(f"{name:>26s}" for name in steps))
+        print(f"   {'':32s}" + "".join(f"{name:>34s}" for name in steps))
         for label, field in fields:
-            print(f"   {label:32s}" + "".join(f"{getattr(s, field):26d}" for s in steps.values()))
+            print(f"   {label:32s}" + "".join(f"{getattr(s, field):34d}" for s in steps.values()))
         for name, stats in steps.items():
             naive = stats.pairs - stats.parse_failures  # one call per parsed rollout
             print(f"   {name}: {stats.llm_requests} calls instead of {naive} "
                   f"({1 - stats.llm_requests / naive:.0%} saved)")
+        for name, categories in verdicts.items():
+            m = metrics.summarize(categories, bootstrap=0)
+            print(f"   {name}: C {m.correctness:.4f}  S {m.specificity:.4f}  S_all {m.specificity_all:.4f}")
         results["realistic"] = {name: vars(stats) for name, stats in steps.items()}
     finally:
         server.stop()
