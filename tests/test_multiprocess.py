@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config_for(run_dir, steps):
-    return small_config(run_dir, steps=steps, checkpoint_every=1, **{"mesh.fsdp": 2})
+    # A short SFT: the processes must agree on it, not learn the answer format (the RL tests need that).
+    return small_config(run_dir, steps=steps, checkpoint_every=1, **{"mesh.fsdp": 2, "sft.steps": 30})
 
 
 def free_port() -> int:
