@@ -10,6 +10,7 @@
 
     python -m speciarl_jax.train --config=configs/ablation.py:static:scala1 ...
     python -m speciarl_jax.train --config=configs/ablation.py:train:flowers:/data ...   # data root, default /data
+    python -m speciarl_jax.train --config=configs/ablation.py:mixed:/data ...
 
 Each resolves to the original launch script's values (tests/test_paper_configs.py): `images:128` trains on 128
 prompts per step (one optimizer step per batch, 15 steps), `train:cub` is the data-set variation run on CUB
@@ -28,7 +29,10 @@ TRAIN_SETS = ("cub", "aircraft", "flowers", "food", "pets")
 def get_config(choice: str = "static:reward3"):
     c = grpo()
     kind, _, value = choice.partition(":")
-    value, _, root = value.partition(":")
+    if kind in ("mixed", "single"):  # no value: what follows is the data root
+        value, root = "", value
+    else:
+        value, _, root = value.partition(":")
     root = root or "/data"
     c.name = f"ablation_{kind}_{value}" if value else f"ablation_{kind}"
     if kind == "static":
@@ -52,11 +56,13 @@ def get_config(choice: str = "static:reward3"):
             c.data.batch_size, c.rollout.num_samples, c.rl.learning_rate = 512, 5, 3e-6
             c.rl.mini_batch_size = 128 * 5  # 128 prompts per optimizer step, as in every run: four per batch
         c.data.source = dict(paper_source(value, "train", root), num_examples=3000, subset_seed=42)
+        c.eval.source = paper_source("cub", "test", root)  # the held-out check stays on CUB, under the same root
         if value == "pets":  # CoOp's Pets train split has 2,944 images: the original took them all
             del c.data.source["num_examples"]
     elif kind == "mixed":
         c.data.source = dict(kind="mixed", per_source=500, seed=42,
                              parts=[paper_source(name, "train", root) for name in SIX])
+        c.eval.source = paper_source("cub", "test", root)
     elif kind == "single":
         c.reward.mode = "single"
     else:

@@ -760,13 +760,17 @@ def main(argv):
     from absl import flags
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        rows = evaluate(command_config(flags.FLAGS.config, flags.FLAGS.run))
-    except (ValueError, FileNotFoundError) as err:  # a wrong setting or path: the message says which
+    from speciarl_jax import run_settings
+
+    try:  # a wrong setting or path: the message says which (errors of the evaluation itself keep their traceback)
+        config = command_config(flags.FLAGS.config, flags.FLAGS.run)
+        validate(run_settings.resolve(config)[0])
+    except (ValueError, FileNotFoundError) as err:
         import sys
 
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    rows = evaluate(config)
     from speciarl_jax import reports
 
     print(reports.markdown_table(rows))

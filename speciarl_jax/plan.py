@@ -182,7 +182,8 @@ def make_plan(config, model: Qwen25VLConfig, layout: Layout, device_bytes: float
     image_tokens = max_patches // model.vision.spatial_merge_size**2
     prompt = buckets.round_up(image_tokens + TEXT_TOKENS, int(config.rollout.prompt_bucket))
     new = int(config.rollout.max_new_tokens)
-    rollout_rows = buckets.round_up(buckets.power_of_two(config.data.batch_size) * config.rollout.num_samples,
+    generation = config.data.get("generation_batch_size", 0) or config.data.batch_size  # prompts per generation
+    rollout_rows = buckets.round_up(buckets.power_of_two(generation) * config.rollout.num_samples,
                                     layout.batch_shards)
     kv_split = layout.tensor if t.num_key_value_heads % layout.tensor == 0 else 1
     kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * weight_bytes / kv_split
@@ -199,7 +200,7 @@ def make_plan(config, model: Qwen25VLConfig, layout: Layout, device_bytes: float
         rows_out["prefill group's cache"] = prefill_prompts * prompt * kv_per_token
     else:
         decoding = rollout_rows / layout.batch_shards
-        prefill_prompts = max(1, buckets.power_of_two(config.data.batch_size) / layout.batch_shards)
+        prefill_prompts = max(1, buckets.power_of_two(generation) / layout.batch_shards)
         cache = decoding * (buckets.round_up(prompt, 32) + new) * kv_per_token
         rows_out["rollout KV cache (every row)"] = cache
         rows_out["per-prompt cache the samples copy"] = cache / samples

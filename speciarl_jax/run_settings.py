@@ -156,10 +156,12 @@ def held_out_set(config: Mapping) -> tuple[str, dict]:
     return name, source
 
 
-def _normal(value):
-    """Lists and tuples compare as tuples; an empty string is no value."""
+def _normal(value, key: str = ""):
+    """Lists and tuples compare as tuples; an empty string is no value, and so is 0 for an image setting."""
     if isinstance(value, (list, tuple)):
-        return tuple(value)
+        value = tuple(value)
+    if key.startswith("image.") and (value == 0 or (isinstance(value, tuple) and not any(value))):
+        return None
     return None if value == "" else value
 
 
@@ -250,7 +252,10 @@ def _locate(config) -> TrainedModel | None:
         from speciarl_jax import export
 
         return find(config.model.adapter) if export.training_step(config.model.adapter) else None
-    return find(config.model.path) if config.model.path else None
+    trained = find(config.model.path) if config.model.path else None
+    if trained is not None and trained.checkpoint:  # a run folder or checkpoint given as the model folder
+        config.model.path, config.model.adapter = "", trained.checkpoint
+    return trained
 
 
 def resolve(config):
@@ -265,15 +270,21 @@ def resolve(config):
     trained = _locate(config)
     result = Resolution(trained)
     run = trained.config if trained else {}
-    values = trained_values(run) if trained else WITHOUT_RUN
+    values = trained_values(run) if trained else dict(WITHOUT_RUN)
+    if config.decoding.mode == "best_of_n" and trained:  # about as many rows per batch as the run's evaluation
+        values["decoding.batch_size"] = max(1, values["decoding.batch_size"] // max(1, config.decoding.n))
+    # The answer length a run was trained with is its rollouts'; its held-out check may have used a shorter one.
+    also_trained = {"decoding.max_new_tokens": run.get("rollout", {}).get("max_new_tokens")}
     for key in WITHOUT_RUN:
         current = _get(config, key)
         if current is None:
             _set(config, key, values[key])
             if trained:
                 result.taken[key] = values[key]
-        elif trained and _normal(current) != _normal(values[key]) and key not in _QUIET:
-            result.changed[key] = {"evaluated": _normal(current), "trained": values[key]}
+        elif (trained and key not in _QUIET and _normal(current, key) != _normal(values[key], key)
+              and current != also_trained.get(key)):
+            trained_value = also_trained.get(key) or values[key]
+            result.changed[key] = {"evaluated": _normal(current, key), "trained": trained_value}
 
     if trained and not len(config.datasets):  # the run's own held-out set, as the trainer evaluated it
         name, entry = held_out_set(run)
@@ -302,7 +313,7 @@ def resolve(config):
                 result.taken["verifier.kind"] = config.verifier[key]
 
     if config.output_dir is None:
-        config.output_dir = os.path.join(trained.run_dir, "eval", trained.stage + _folder_suffix(result)) \
+        config.output_dir = os.path.join(trained.run_dir, "eval", trained.stage + _folder_suffix(result, config, run)) \
             if trained else "runs/eval"
     if trained and not config.model.name:
         config.model.name = trained.label + (f" ({result.suffix()})" if result.changed else "")
@@ -310,12 +321,18 @@ def resolve(config):
     return config, result
 
 
-def _folder_suffix(result: Resolution) -> str:
-    """"" as trained; else the changes, readable when short (e.g. "+prompt=specific"), a checksum when long."""
-    if not result.changed:
-        return ""
-    text = "+".join(f"{k.split('.')[-1]}={c['evaluated']}" for k, c in result.changed.items())
-    text = re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
+def _folder_suffix(result: Resolution, config, run: Mapping) -> str:
+    """"" for a greedy evaluation as trained; else what differs: the changes (readable when short, a checksum
+    when long), Best-of-N, and another verifier than the run's, e.g. "+prompt=specific+best_of_64"."""
+    parts = [f"{k.split('.')[-1]}={c['evaluated']}" for k, c in result.changed.items()]
+    text = re.sub(r"[^A-Za-z0-9_.=+-]", "_", "+".join(parts))
     if len(text) > 48:
         text = f"changed-{zlib.crc32(json.dumps(_plain(result.changed), sort_keys=True).encode()):08x}"
-    return "+" + text
+    extra = [text] if text else []
+    if config.decoding.mode == "best_of_n":
+        extra.append(f"best_of_{config.decoding.n}")
+    trained_verifier = run.get("verifier", {})
+    if (config.verifier.kind, config.verifier.model) != (trained_verifier.get("kind"), trained_verifier.get("model")):
+        name = config.verifier.kind if config.verifier.kind != "openai" else config.verifier.model
+        extra.append("verifier=" + re.sub(r"[^A-Za-z0-9_.=-]", "_", os.path.basename(str(name)))[:40])
+    return "".join("+" + e for e in extra)

@@ -368,6 +368,8 @@ class Trainer:
         self.rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         self.noise_rng.bit_generator.state = meta["noise_rng"]
         self.generation_batches = int(meta.get("generation_batches", self.step))
+        if self.generation_budget is not None and self.generation_batches >= self.generation_budget:
+            self.total_steps = self.step  # a run that used up its data: finished, not to be continued
         states = meta.get("data")
         if states is not None and len(states) != jax.process_count():
             raise ValueError(f"{checkpointer.directory} step {self.step} was written by a run of {len(states)} "

@@ -89,3 +89,15 @@ def test_config_matches_the_original_script(spec):
         assert [(p["kind"], p["split"]) for p in source["parts"]] == [
             TRAIN_SPLITS["cub"], TRAIN_SPLITS["aircraft"], TRAIN_SPLITS["flowers"], TRAIN_SPLITS["food"],
             TRAIN_SPLITS["pets"], ("benchmark", "train")]
+
+
+def test_the_data_root_reaches_every_source():
+    for spec in ("ablation:mixed:/mnt/d", "ablation:train:flowers:/mnt/d"):
+        c = load(spec)
+        source = c.data.source.to_dict() if hasattr(c.data.source, "to_dict") else dict(c.data.source)
+        paths = [v for part in source.get("parts", [source]) for k, v in part.items()
+                 if k in ("data_dir", "root", "split_file", "image_root")]
+        paths.append(c.eval.source.data_dir)
+        assert paths and all(p.startswith("/mnt/d/") for p in paths), paths
+        assert "/" not in c.name
+

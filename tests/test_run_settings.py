@@ -73,6 +73,17 @@ def test_changes_from_training_are_stated(trained_run, capsys):
     assert resolved.datasets.synthetic.variation == 0.0 and resolved.datasets.synthetic.image_size == (56, 56)
     assert resolution.changed == {"datasets.synthetic_family.variation": {"evaluated": 1.0, "trained": 0.0}}
 
+    # The run folder given as the model folder is read as its latest checkpoint; "0" image settings mean none, as
+    # in a training config; Best-of-N goes to a folder of its own, with about the run's rows per batch.
+    config = eval_run.get_config()
+    config.model.path = str(run_dir)
+    config.image.min_pixels, config.image.image_size = 0, (56, 56)
+    config.decoding.mode, config.decoding.n = "best_of_n", 4
+    resolved, resolution = run_settings.resolve(config)
+    assert (resolved.model.path, resolved.model.adapter) == ("", os.path.join(run_dir, "checkpoints", "1"))
+    assert resolution.changed == {} and resolved.decoding.batch_size == 16 // 4
+    assert resolved.output_dir == os.path.join(run_dir, "eval", "step_1+best_of_4")
+
 
 def test_what_a_path_names_and_bad_paths(trained_run, warm_model, tmp_path):
     run_dir, _ = trained_run

@@ -385,6 +385,7 @@ INPUT:
 }
 
 OTHER = {"name": "other", "system_prompt": "", "prompt": "Other: %s", "categories": CATEGORIES}
+BUILT = {"name": "built", "system_prompt": "a" + SUFFIX, "prompt": "Built: %s"}
 
 PROMPT_REGISTRY = {"first_single": FIRST, "other": OTHER}
 raise SystemExit("this file is parsed, never run")
@@ -415,7 +416,9 @@ def test_prompt_files_are_sent_verbatim(taxonomy, connect, tmp_path):
             verifier = connect(server.url, prompt=spec)
             assert verifier.classify(PAIRS) == EXPECTED
         assert server.recent_requests[-1]["messages"][0]["content"] == "Grade it."
-    with pytest.raises(ValueError, match="no prompt entry named 'missing'.*'first_single', 'other'"):
+    with pytest.raises(ValueError, match="entry 'built' needs literal texts.*system_prompt"):
+        load_prompt(f"{registry}:built")
+    with pytest.raises(ValueError, match="no prompt entry named 'missing'.*'built', 'first_single', 'other'"):
         load_prompt(f"{registry}:missing")
     with pytest.raises(ValueError, match="verifier config: prompt=.* is neither one of"):
         make_verifier(_config("http://127.0.0.1:1", prompt="nowhere"))

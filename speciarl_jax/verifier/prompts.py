@@ -81,7 +81,7 @@ PROMPTS: dict[str, Prompt] = {
 }
 
 _PAIR_BLOCK = re.compile(r"<pair>\s*(\{.*?\})\s*</pair>", re.DOTALL)
-_COMPACT_PAIR = re.compile(r'\{"ground_truth":.*\}')  # the pair as a file's template receives it: one line
+_COMPACT_PAIR = re.compile(r'\{"ground_truth":')  # where the pair starts in a file's template
 
 
 def encode_pair(ground_truth: str, prediction: str) -> str:
@@ -138,11 +138,16 @@ def _registry_entry(path: str, name: str) -> Prompt:
                 try:
                     fields[key.value] = ast.literal_eval(value)
                 except ValueError:
-                    pass
-        if "name" in fields:
+                    fields[key.value] = None  # not a literal: named below if this is the entry asked for
+        if isinstance(fields.get("name"), str):
             found.append(fields["name"])
-            if fields["name"] == name and isinstance(fields.get("prompt"), str):
-                return _checked(Prompt(name, fields.get("system_prompt", ""), fields["prompt"]), path)
+            if fields["name"] == name:
+                texts = {k: fields.get(k, "") for k in ("system_prompt", "prompt")}
+                bad = [k for k, v in texts.items() if not isinstance(v, str)]
+                if bad or not texts["prompt"]:
+                    raise ValueError(f"{path}: entry {name!r} needs literal texts for system_prompt and prompt "
+                                     f"(not literal or missing: {bad or ['prompt']})")
+                return _checked(Prompt(name, texts["system_prompt"], texts["prompt"]), path)
     raise ValueError(f"{path} has no prompt entry named {name!r} with literal texts (entries: {sorted(set(found))})")
 
 
@@ -162,11 +167,12 @@ def read_pair(messages: list[dict]) -> tuple[str, str]:
         if message.get("role") != "user" or not isinstance(message.get("content"), str):
             continue
         blocks = _PAIR_BLOCK.findall(message["content"])
-        if not blocks:  # a file's template: the pair is the line holding a JSON object
-            blocks = _COMPACT_PAIR.findall(message["content"])
+        if not blocks:  # a file's template: the pair is a JSON object starting with "ground_truth"
+            content = message["content"]
+            blocks = [json.JSONDecoder().raw_decode(content, m.start())[0] for m in _COMPACT_PAIR.finditer(content)]
         if len(blocks) != 1:
             raise ValueError(f"expected exactly one pair in the user message, found {len(blocks)}")
-        data = json.loads(blocks[0])
+        data = json.loads(blocks[0]) if isinstance(blocks[0], str) else blocks[0]
         if set(data) != {"ground_truth", "prediction"}:
             raise ValueError(f"pair object has fields {sorted(data)}")
         return str(data["ground_truth"]), str(data["prediction"])
