@@ -11,7 +11,7 @@ from speciarl_jax.rewards import categories as cat
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, warm_model):
-    """One RL step from the SFT'd tiny policy, with the trainer's own final evaluation on 32 held-out images.
+    """One RL step from the SFT'd tiny policy, with the trainer's own final evaluation on 16 held-out images.
     Prompt ("brief"), system turn ("Name shapes.") and world (variation 0) all differ from evaluate's defaults."""
     from test_trainer import rl_config
 
@@ -19,7 +19,7 @@ def trained_run(tmp_path_factory, warm_model):
 
     run_dir = tmp_path_factory.mktemp("trained") / "demo"
     config = rl_config(run_dir, warm_model, steps=1,
-                       **{"eval.enabled": True, "eval.source.num_images": 32, "eval.batch_size": 16})
+                       **{"eval.enabled": True, "eval.source.num_images": 16, "eval.batch_size": 16})
     result = Trainer(config).run()
     return run_dir, result["eval_after"]
 
@@ -33,7 +33,7 @@ def test_the_documented_command_matches_the_trainers_evaluation(trained_run):
     config = evaluate.command_config(eval_run.get_config(), run=str(run_dir))
     rows = evaluate.evaluate(config)
     (row,) = rows
-    assert (row["model"], row["dataset"], row["n"]) == ("demo step 1", "synthetic", 32)
+    assert (row["model"], row["dataset"], row["n"]) == ("demo step 1", "synthetic", 16)
     for category in (cat.SPECIFIC, cat.MORE_SPECIFIC, cat.LESS_SPECIFIC, cat.GENERIC, cat.ABSTAIN,
                      cat.WRONG, cat.PARSE_FAILURE):
         assert row[f"share/{category}"] == pytest.approx(trainer_eval[f"eval/share/{category}"], abs=1e-9), category
