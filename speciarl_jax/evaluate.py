@@ -651,15 +651,25 @@ def summarise(config, store: RecordStore, sample_ids: Mapping[str, Sequence[str]
     return rows
 
 
-def evaluate(config) -> list[dict]:
-    """Runs (or resumes) the evaluation a config describes and writes its reports; returns the report rows."""
-    from tqdm import tqdm
-
-    from speciarl_jax import reports, run_settings
-    from speciarl_jax.data import Subset, source_from_config
+def prepare(config):
+    """(config with its unset settings filled from the run it evaluates, `run_settings.Resolution`), checked."""
+    from speciarl_jax import run_settings
 
     config, resolution = run_settings.resolve(config)
     validate(config)
+    return config, resolution
+
+
+def evaluate(config, resolution=None) -> list[dict]:
+    """Runs (or resumes) the evaluation a config describes and writes its reports; returns the report rows.
+    `resolution`: given with a config `prepare` already returned."""
+    from tqdm import tqdm
+
+    from speciarl_jax import reports
+    from speciarl_jax.data import Subset, source_from_config
+
+    if resolution is None:
+        config, resolution = prepare(config)
     if resolution.trained is not None:
         print(resolution.describe(), flush=True)
     output_dir = config.output_dir
@@ -760,17 +770,14 @@ def main(argv):
     from absl import flags
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from speciarl_jax import run_settings
-
     try:  # a wrong setting or path: the message says which (errors of the evaluation itself keep their traceback)
-        config = command_config(flags.FLAGS.config, flags.FLAGS.run)
-        validate(run_settings.resolve(config)[0])
+        config, resolution = prepare(command_config(flags.FLAGS.config, flags.FLAGS.run))
     except (ValueError, FileNotFoundError) as err:
         import sys
 
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    rows = evaluate(config)
+    rows = evaluate(config, resolution)
     from speciarl_jax import reports
 
     print(reports.markdown_table(rows))

@@ -42,7 +42,6 @@ from speciarl_jax.rewards import categories as cat
 
 CATEGORIES: tuple[str, ...] = cat.ALL_CATEGORIES  # the order of every count vector here
 _INDEX = {name: i for i, name in enumerate(CATEGORIES)}
-_SCORED = np.ones(len(CATEGORIES), bool)  # every answer counts in n, verifier errors included
 _CORRECT = np.array([name in cat.CORRECT for name in CATEGORIES])
 _SPECIFIC = np.array([name in (cat.SPECIFIC, cat.MORE_SPECIFIC) for name in CATEGORIES])
 
@@ -82,7 +81,7 @@ def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
     """C, S, HM, S_all, HM_all and score from counts [..., 8] (any leading shape); each result has the leading
     shape."""
     counts = np.asarray(counts, np.float64)
-    n = (counts * _SCORED).sum(-1)
+    n = counts.sum(-1)  # every answer, verifier errors included
     correct = (counts * _CORRECT).sum(-1)
     specific = (counts * _SPECIFIC).sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -160,12 +159,10 @@ def _from_counts(counts: np.ndarray, intervals=None) -> Metrics:
 
 def _draw(counts: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
     """[samples, 8] bootstrap counts: the n answers redrawn with the observed shares."""
-    scored = counts * _SCORED
-    n = int(scored.sum())
+    n = int(counts.sum())
     draws = np.zeros((samples, len(CATEGORIES)), np.int64)
     if n:
-        draws[:] = rng.multinomial(n, scored / n, size=samples)
-    draws[:, ~_SCORED] = counts[~_SCORED]
+        draws[:] = rng.multinomial(n, counts / n, size=samples)
     return draws
 
 
@@ -237,7 +234,7 @@ def summarize_many(
         pooled_intervals = _intervals(metrics_from_counts(sum(draws.values())), level)
     out["overall"] = _from_counts(total, pooled_intervals)
 
-    nonempty = [name for name, c in counts.items() if (c * _SCORED).sum() > 0]
+    nonempty = [name for name, c in counts.items() if c.sum() > 0]
     if nonempty:
         point = {k: float(np.mean([getattr(out[name], k) for name in nonempty])) for k in HEADLINE}
         mean_intervals = {}

@@ -52,6 +52,11 @@ class TrainedModel:
     model_path: str | None = None  # <run>/sft_model or <run>/tiny_model, when no checkpoint is meant
 
     @property
+    def location(self) -> str:
+        """The checkpoint or model folder evaluated."""
+        return self.checkpoint or self.model_path
+
+    @property
     def name(self) -> str:
         return os.path.basename(os.path.normpath(self.run_dir))
 
@@ -189,8 +194,7 @@ class Resolution:
     def to_json(self) -> dict:
         if self.trained is None:
             return {}
-        where = self.trained.checkpoint or self.trained.model_path
-        return {"run": self.trained.run_dir, "model": where, "taken_from_training": _plain(self.taken),
+        return {"run": self.trained.run_dir, "model": self.trained.location, "taken_from_training": _plain(self.taken),
                 "changed_from_training": _plain(self.changed)}
 
     def suffix(self) -> str:
@@ -204,8 +208,7 @@ class Resolution:
     def describe(self) -> str:
         if self.trained is None:
             return ""
-        where = self.trained.checkpoint or self.trained.model_path
-        lines = [f"Evaluating {self.trained.label} ({where}) with the settings it was trained with:"]
+        lines = [f"Evaluating {self.trained.label} ({self.trained.location}) with the settings it was trained with:"]
         worlds: dict[str, list[str]] = {}  # datasets.<name>.<field>: one line per data set
         for key, value in self.taken.items():
             if key in _QUIET or value is None:
@@ -302,15 +305,15 @@ def resolve(config):
             elif _normal(value) != world[key]:
                 result.changed[f"datasets.{name}.{key}"] = {"evaluated": _normal(value), "trained": world[key]}
 
-    verifier = run.get("verifier", {})
-    for key in list(config.verifier.keys()):
-        if config.verifier[key] is None:
-            from speciarl_jax.verifier import VerifierConfig
+    unset = [key for key in config.verifier.keys() if config.verifier[key] is None]
+    if unset:
+        from speciarl_jax.verifier import VerifierConfig
 
-            default = getattr(VerifierConfig(), key)
-            config.verifier[key] = verifier.get(key, default)
-            if key == "kind" and trained:
-                result.taken["verifier.kind"] = config.verifier[key]
+        verifier = {**VerifierConfig().to_dict(), **run.get("verifier", {})}
+        for key in unset:
+            config.verifier[key] = verifier[key]
+        if "kind" in unset and trained:
+            result.taken["verifier.kind"] = config.verifier.kind
 
     if config.output_dir is None:
         config.output_dir = os.path.join(trained.run_dir, "eval", trained.stage + _folder_suffix(result, config, run)) \

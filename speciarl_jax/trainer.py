@@ -36,7 +36,7 @@ from . import buckets, compilation, multihost, parallel, plan
 from .checkpoint import Checkpointer
 from .data.config import pipeline_from_config
 from .metric_writers import MetricWriter, summary_line
-from .metrics import summarize
+from .metrics import HEADLINE, summarize
 from .models import lora
 from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained, set_attention_implementation
 from .models.qwen2_5_vl.layers import ATTENTION_IMPLEMENTATIONS
@@ -215,7 +215,7 @@ def score(categories, group_ids, reward_cfg, rng: np.random.Generator) -> np.nda
 def batch_report(categories, prefix: str = "") -> dict[str, float]:
     """Category shares and C / S / HM of a list of verdicts."""
     record = summarize(categories, bootstrap=0).to_dict()
-    out = {f"{prefix}{k}": record[k] for k in ("correctness", "specificity", "hm", "specificity_all", "hm_all", "score")}
+    out = {f"{prefix}{k}": record[k] for k in HEADLINE}
     out.update({f"{prefix}share/{k[6:]}": v for k, v in record.items() if k.startswith("share/")})
     return out
 
@@ -633,7 +633,7 @@ def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_to
 def before_after_table(before: dict, after: dict, prefix: str = "eval/") -> str:
     """A Markdown table of the held-out category shares and C / S / HM before and after training."""
     keys = sorted(k[len(prefix):] for k in after if k.startswith(prefix + "share/"))
-    keys += ["correctness", "specificity", "hm", "specificity_all", "hm_all", "score"]
+    keys += list(HEADLINE)
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     for key in keys:
         b, a = before.get(prefix + key, float("nan")), after.get(prefix + key, float("nan"))

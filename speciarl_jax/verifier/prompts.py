@@ -71,7 +71,8 @@ class Prompt:
 
     @property
     def cache_name(self) -> str:
-        digest = hashlib.sha256((self.system + "\0" + self.user).encode("utf-8")).hexdigest()[:10]
+        text = self.system + ("\0" + self.user if self.user else "")  # built-in prompts keep their old names
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
         return f"{self.name}/{digest}"
 
 
