@@ -12,6 +12,7 @@ finished ones. Paths may be local or `gs://` buckets.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -100,6 +101,26 @@ def finished_steps(directory: str) -> list[int]:
     except OSError:
         return []
     return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+# What one training attempt writes into its run folder (the SFT model and the tiny model are kept across attempts).
+ATTEMPT_ITEMS = ("checkpoints", "metrics.jsonl", "tb")
+
+
+def set_aside(run_dir: str) -> str | None:
+    """Move an earlier attempt's checkpoints and logs to `run_dir/earlier/<UTC time>/`, so that a run told to
+    start over (config.resume="") neither resumes from them nor deletes them. Returns that folder, or None
+    when there was nothing to move. Call it on one process, before anything opens these items."""
+    present = [name for name in ATTEMPT_ITEMS if os.path.exists(os.path.join(run_dir, name))]
+    if not present:
+        return None
+    folder = os.path.join(run_dir, "earlier", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    while os.path.exists(folder):  # two restarts within a second
+        folder += "+"
+    os.makedirs(folder)
+    for name in present:
+        os.replace(os.path.join(run_dir, name), os.path.join(folder, name))
+    return folder
 
 
 def _abstract(tree):

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from . import buckets, compilation, multihost, parallel, plan
+from . import buckets, checkpoint, compilation, multihost, parallel, plan
 from .checkpoint import Checkpointer
 from .data.config import pipeline_from_config
 from .metric_writers import MetricWriter, summary_line
@@ -249,6 +249,12 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         multihost.check_shared_folder(self.run_dir)
         self.is_main = jax.process_index() == 0
+        if not config.resume:  # starting over: an earlier attempt's checkpoints and logs are kept, set aside
+            moved = checkpoint.set_aside(self.run_dir) if self.is_main else None
+            if moved:
+                logging.warning("config.resume='' starts over; the earlier attempt's checkpoints and logs are in %s",
+                                moved)
+            _sync_processes("set_aside")
         self.mesh = parallel.make_mesh(**config.mesh.to_dict(), devices=devices)
 
         self.model_dir = prepare_model_dir(config, self.run_dir)

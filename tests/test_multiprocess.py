@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from speciarl_jax.trainer import Trainer
-from tests.test_trainer import read_metrics, small_config, trainable
+from tests.test_trainer import assert_same_training, read_metrics, small_config, trainable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +72,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     one = Trainer(config_for(tmp_path / "one", steps=3), devices=jax.devices()[:2])
     one.run()
+    start = trainable(Trainer(config_for(tmp_path / "one", steps=3), devices=jax.devices()[:2]))  # the SFT model
     m1 = [r for r in read_metrics(tmp_path / "one") if "reward_mean" in r]
     m2 = [r for r in read_metrics(two_dir) if "reward_mean" in r]
     assert [r["step"] for r in m2] == [1, 2, 3]  # the resumed pair went on from step 2
@@ -79,13 +80,9 @@ def test_two_processes_match_one_process(tmp_path):
     sft2 = [r for r in read_metrics(two_dir) if "sft/loss" in r][0]
     np.testing.assert_allclose(sft2["sft/loss"], sft1["sft/loss"], rtol=1e-4)
     assert any(r["reward_std"] > 0 for r in m1)  # rewards differ within groups: the updates do something
-    # The same prompts in the same order, the same samples, the same verdicts.
-    for key in ("reward_mean", "share/specific", "share/generic", "share/wrong", "response_length"):
-        assert [r[key] for r in m1] == [r[key] for r in m2], key
-    np.testing.assert_allclose(m2[0]["update/loss"], m1[0]["update/loss"], rtol=1e-3, atol=1e-6)
-    bound = 2 * one.rl_config.learning_rate * int(one.learner.state.step)
-    for a, b in zip(trainable(one), params_two):
-        assert a.shape == b.shape and np.abs(a - b).max() <= bound
+    # The same prompts in the same order, the same samples, the same verdicts; the same updates.
+    share = assert_same_training(m2, m1, start, params_two, trainable(one), rtol=1e-3, gap_share=0.02)
+    print(f"2 processes vs 1: parameter gap {share:.2e} of the distance moved")
     with open(two_dir / "checkpoints" / "3" / "meta" / "metadata") as f:
         meta = json.load(f)
     assert len(meta["data"]) == 2  # one data iterator state per process

@@ -300,3 +300,66 @@ def test_drgrpo_loss_has_verls_scale_whatever_the_micro_batching(tiny_checkpoint
 
 def optax_norm(tree):
     return jnp.sqrt(sum((x.astype(jnp.float32) ** 2).sum() for x in jax.tree.leaves(tree)))
+
+
+
+def numpy_per_token(logits, targets, old, ref, advantages, eps_low, eps_high, clip_c):
+    """The GRPO-family loss terms per response token, written out in float64 numpy from full logits:
+    log-probabilities, the clipped policy loss (with the dual clip), the low-variance KL and the entropy."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    logp = np.take_along_axis(log_softmax, targets[..., None], -1)[..., 0]
+    entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)
+    a = np.asarray(advantages, np.float64)[:, None]
+    ratio = np.exp(logp - old)
+    policy = np.maximum(-a * ratio, -a * np.clip(ratio, 1 - eps_low, 1 + eps_high))
+    policy = np.where(a < 0, np.minimum(policy, -a * clip_c), policy)
+    d = ref - logp
+    return logp, policy, np.exp(d) - d - 1, entropy
+
+
+def numpy_reduce(values, mask, mode):
+    if mode == "token-mean":
+        return (values * mask).sum() / mask.sum()
+    live = mask.sum(1) > 0  # seq-mean-token-mean: the mean over rows with tokens of each row's token mean
+    return ((values * mask).sum(1)[live] / mask.sum(1)[live]).mean()
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_combined_loss_equals_numpy_from_a_full_forward(tiny_checkpoint, bucketed):
+    """loss = policy loss + kl_coef x KL - entropy_coef x entropy, accumulated over four micro-batches of two
+    rows (token-mean), or over length-bucketed ones (seq-mean-token-mean), equals the same formula in numpy over
+    one plain forward's logits. Old log-probs off the policy's own put some tokens in the ratio clip and some
+    negative-advantage tokens past the dual clip."""
+    rows, response, eps_high, clip_c, kl_coef, entropy_coef = 8, 6, 0.28, 3.0, 0.05, 0.02
+    mode = "seq-mean-token-mean" if bucketed else "token-mean"
+    model = adapted_model(tiny_checkpoint)
+    for i, (_, layer) in enumerate(lora.lora_layers(model)):
+        layer.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.lora_b.shape)
+    batch = text_batch(model.config, rows=rows, samples=4, response=response, seed=7)
+    logits = np.asarray(model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids).logits)
+    logits = logits[:, -response - 1:-1]
+    targets = np.asarray(batch.input_ids)[:, -response:]
+    mask = np.asarray(batch.response_mask, np.float64)
+    advantages = np.asarray(batch.advantages)
+    logp = numpy_per_token(logits, targets, 0, 0, advantages, 0.2, eps_high, clip_c)[0]
+    rng = np.random.default_rng(11)
+    old = logp + rng.normal(0, 0.3, logp.shape)
+    old[advantages < 0, 0] -= 1.5  # a ratio of e^1.5 > clip_c on negative advantages: the dual clip
+    ref = logp + rng.normal(0, 0.2, logp.shape)
+    _, policy, kl, entropy = numpy_per_token(logits, targets, old, ref, advantages, 0.2, eps_high, clip_c)
+    expected = {"pg_loss": numpy_reduce(policy, mask, mode), "kl_loss": numpy_reduce(kl, mask, mode),
+                "entropy": numpy_reduce(entropy, mask, "token-mean")}  # the entropy metric is a token mean
+    expected["loss"] = expected["pg_loss"] + kl_coef * expected["kl_loss"] - entropy_coef * numpy_reduce(
+        entropy, mask, mode)
+
+    batch = batch.replace(old_logprobs=old.astype(np.float32), ref_logprobs=ref.astype(np.float32))
+    config = update.preset("grpo", mini_batch_size=rows, micro_batch_size=2, loss_agg_mode=mode, eps_high=eps_high,
+                           clip_c=clip_c, kl_coef=kl_coef, entropy_coef=entropy_coef, remat=False, logprob_chunk=4,
+                           micro_batch_tokens=3 * batch.input_ids.shape[1] if bucketed else None)
+    metrics = update.Learner(model, config, compiler_options=FAST).step(batch)
+    assert metrics["optimizer_steps"] == 1
+    assert 0 < metrics["clip_fraction"] < 1 and metrics["dual_clip_fraction"] > 0
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

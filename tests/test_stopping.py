@@ -73,3 +73,62 @@ def test_an_asynchronous_save_keeps_the_values_it_was_given(tmp_path):
     for key in expected:
         np.testing.assert_array_equal(np.asarray(restored[key]), expected[key])
     checkpointer.close()
+
+
+def test_a_verifier_outage_saves_the_last_finished_step_and_the_rerun_goes_on(tmp_path, warm_model, monkeypatch):
+    """The LLM verifier starts failing during step 2: step 1 is saved, the run stops with the command to resume,
+    and once the verifier is back the same command finishes the run."""
+    from speciarl_jax.trainer import synthetic_taxonomy
+    from speciarl_jax.verifier.server import FaultPlan, LoopbackVerifierServer
+
+    changes = {"verifier.kind": "openai", "verifier.max_retries": 1, "verifier.backoff_initial_s": 0.01,
+               "verifier.backoff_max_s": 0.01, "verifier.timeout_s": 5.0}
+    config = rl_config(tmp_path, warm_model, steps=3, checkpoint_every=100, **changes)
+    real_step = Trainer.rl_step
+    with LoopbackVerifierServer(synthetic_taxonomy(config.data.source.to_dict())) as server:
+        def rl_step(self):
+            if self.step + 1 == 2:  # every request from here on fails
+                server.faults = FaultPlan(first=[""] * server.requests + ["500"] * 100_000)
+            return real_step(self)
+
+        monkeypatch.setattr(Trainer, "rl_step", rl_step)
+        config.verifier.base_url = server.url
+        with pytest.raises(TrainingInterrupted, match=r"The verifier failed at step 2: .*; step 1 is saved\. "
+                                                      r"resume with: python -m speciarl_jax.train"):
+            Trainer(config).run()
+        assert Checkpointer(tmp_path / "checkpoints").all_steps() == [1]
+        monkeypatch.setattr(Trainer, "rl_step", real_step)
+        server.faults = FaultPlan()
+        resumed = Trainer(config)
+        resumed.run()
+    assert resumed.step == 3
+    assert [r["step"] for r in read_metrics(tmp_path) if "reward_mean" in r] == [1, 2, 3]
+
+
+def test_a_nonfinite_loss_stops_without_saving_over_the_last_good_checkpoint(tmp_path, warm_model, monkeypatch):
+    """Advantages that turn NaN at step 3 make a NaN loss and NaN weights: the run stops naming the step, and
+    the checkpoints stay those of steps 1 and 2, finite, step 2 holding the weights step 3 started from."""
+    import speciarl_jax.trainer as trainer_module
+
+    real_advantages = trainer_module.group_advantages
+    trainer = Trainer(rl_config(tmp_path, warm_model, steps=4, checkpoint_every=1))
+    weights = {}
+
+    def advantages(*args, **kwargs):
+        weights[trainer.step] = [np.asarray(x) for x in jax.tree.leaves(trainer.learner.state.params)]
+        values = real_advantages(*args, **kwargs)
+        return values * np.nan if trainer.step + 1 == 3 else values
+
+    monkeypatch.setattr(trainer_module, "group_advantages", advantages)
+    with pytest.raises(TrainingInterrupted, match=r"The loss became nan at step 3; nothing was saved over the last "
+                                                  r"good checkpoint"):
+        trainer.run()
+    assert not all(np.isfinite(x).all() for x in jax.tree.leaves(trainer.learner.state.params))
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    assert checkpointer.all_steps() == [1, 2] and finished_steps(str(tmp_path / "checkpoints")) == [1, 2]
+    state = trainer.learner.state
+    params, _, meta = checkpointer.restore(params_like=state.params, opt_state_like=state.opt_state)
+    assert meta["step"] == 2
+    for saved, started in zip(jax.tree.leaves(params), weights[2]):
+        np.testing.assert_array_equal(np.asarray(saved), started)
+    assert [r["step"] for r in read_metrics(tmp_path) if "reward_mean" in r] == [1, 2]

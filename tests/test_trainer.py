@@ -1,5 +1,7 @@
 """The training loop end to end on the tiny model: each algorithm, resume, interrupted saves, sharding."""
 
+import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -53,12 +55,34 @@ def trainable(trainer):
     return [np.asarray(x) for x in jax.tree.leaves(trainer.learner.state.params)]
 
 
+def overlong_penalty_by_hand(lengths, max_len, buffer):
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer tokens, then falling linearly to -1 at max_len."""
+    return [min(0.0, -(n - (max_len - buffer)) / buffer) for n in lengths]
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "drgrpo", "dapo"])
-def test_three_steps_of_each_algorithm(tmp_path, warm_model, algorithm):
+def test_three_steps_of_each_algorithm(tmp_path, warm_model, algorithm, monkeypatch):
+    """Three real steps. Every update has a policy gradient (rewards differ within groups). Under DAPO the first
+    generation batch of every step is made uninformative (its raw rewards equal), so each step needs a second
+    one, drops groups, selects and merges rollouts with image features, and trains on them; the overlong
+    shaping is the formula's, on the rows' real lengths."""
     changes = {"rl.algorithm": algorithm}
     if algorithm == "dapo":
-        changes["rl.overlong_buffer"] = 4  # shaping over the last 4 of the 12 new tokens
+        changes["rl.overlong_buffer"] = 9  # shaping over the last 9 of the 12 new tokens: most answers reach it
     trainer = Trainer(rl_config(tmp_path, warm_model, **changes))
+    graded = []
+    if algorithm == "dapo":
+        real = trainer.generate_and_grade
+
+        def first_batch_uninformative(prompts, rng, timings):
+            rollouts = real(prompts, rng, timings)
+            first_of_step = not graded or graded[-1][0] != trainer.step
+            graded.append((trainer.step, rollouts.lengths, rollouts.rewards - rollouts.scores))
+            if first_of_step:
+                rollouts.scores = np.zeros_like(rollouts.scores)
+            return rollouts
+
+        monkeypatch.setattr(trainer, "generate_and_grade", first_batch_uninformative)
     before = trainable(trainer)
     trainer.run()
     rows = [r for r in read_metrics(tmp_path) if "reward_mean" in r]
@@ -67,24 +91,72 @@ def test_three_steps_of_each_algorithm(tmp_path, warm_model, algorithm):
         assert np.isfinite(r["update/loss"]) and r["update/optimizer_steps"] == 2
         assert abs(sum(v for k, v in r.items() if k.startswith("share/")) - 1) < 1e-6
         assert r["time/generate"] > 0 and r["time/update"] > 0
+        assert r["reward_std"] > 0 and r["update/grad_norm"] > 1e-3, r
     if algorithm == "dapo":
-        assert all(r["dapo/generation_batches"] >= 1 for r in rows)
+        for r in rows:
+            assert r["dapo/generation_batches"] >= 2 and r["dapo/dropped_groups"] >= 4, r
+        lengths = np.concatenate([lengths for _, lengths, _ in graded])
+        shaping = np.concatenate([shaping for _, _, shaping in graded])
+        np.testing.assert_allclose(shaping, overlong_penalty_by_hand(lengths, 12, 9), atol=1e-6)
+        assert shaping.min() < 0
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
-    assert any(np.abs(a - b).max() > 0 for a, b in zip(before, trainable(trainer))), "the update changed nothing"
+    moved = max(np.abs(a - b).max() for a, b in zip(before, trainable(trainer)))
+    # Weight decay alone (lr 3e-5 x 0.01 x |w| per optimizer step) would move weights by far less than Adam's steps.
+    assert moved > 0.5 * trainer.rl_config.learning_rate, moved
 
 
-def test_resume_reaches_the_same_parameters(tmp_path, warm_model):
-    straight = Trainer(rl_config(tmp_path / "straight", warm_model, steps=4))
+STEP_METRICS = ("reward_mean", "reward_std", "response_length", "share/specific", "share/less specific",
+                "share/generic", "share/wrong", "update/loss", "update/grad_norm")
+
+
+def assert_same_steps(rows, expected, steps):
+    by_step = {r["step"]: r for r in rows if "reward_mean" in r}
+    assert sorted(by_step) == list(steps), sorted(by_step)
+    for key in STEP_METRICS:
+        got = [by_step[s][key] for s in steps]
+        want = [r[key] for r in expected if r["step"] in steps]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_resume_repeats_the_straight_run_step_for_step(tmp_path, warm_model):
+    """With label noise on, a run stopped after step 2 and resumed, in its folder or from its checkpoints into a
+    new folder, repeats every step of the straight run: the same prompts (data iterator), samples (RNG), noisy
+    verdicts (noise RNG), rewards and updates, and ends with the same parameters."""
+    noisy = {"reward.noise": 0.3, "steps": 4}
+    straight = Trainer(rl_config(tmp_path / "straight", warm_model, **noisy))
     straight.run()
-    first = Trainer(rl_config(tmp_path / "split", warm_model, steps=2))
-    first.run()
-    resumed = Trainer(rl_config(tmp_path / "split", warm_model, steps=4))
+    expected = [r for r in read_metrics(tmp_path / "straight") if "reward_mean" in r]
+    Trainer(rl_config(tmp_path / "split", warm_model, **{**noisy, "steps": 2})).run()
+    elsewhere = Trainer(rl_config(tmp_path / "elsewhere", warm_model, resume=str(tmp_path / "split" / "checkpoints"),
+                                  **noisy))
+    elsewhere.run()
+    resumed = Trainer(rl_config(tmp_path / "split", warm_model, **noisy))
     resumed.run()
-    assert resumed.step == 4
-    for a, b in zip(trainable(straight), trainable(resumed)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    steps = [r["step"] for r in read_metrics(tmp_path / "split") if "reward_mean" in r]
-    assert steps == [1, 2, 3, 4]
+    assert resumed.step == elsewhere.step == 4
+    assert_same_steps(read_metrics(tmp_path / "split"), expected, [1, 2, 3, 4])
+    assert_same_steps(read_metrics(tmp_path / "elsewhere"), expected, [3, 4])
+    for a, b, c in zip(trainable(straight), trainable(resumed), trainable(elsewhere)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
+
+    # resume="" starts over in a folder that has checkpoints: its step 1 is the straight run's step 1, and the
+    # earlier attempt's checkpoints and metrics are set aside, not deleted.
+    again = Trainer(rl_config(tmp_path / "split", warm_model, resume="", **{**noisy, "steps": 1}))
+    again.run()
+    assert again.step == 1 and Checkpointer(tmp_path / "split" / "checkpoints").all_steps() == [1]
+    assert_same_steps(read_metrics(tmp_path / "split"), expected, [1])
+    (earlier,) = (tmp_path / "split" / "earlier").iterdir()
+    assert Checkpointer(earlier / "checkpoints").all_steps() == [2, 4]
+    assert_same_steps(read_metrics(earlier), expected, [1, 2, 3, 4])
+
+    # A checkpoint written by two processes is refused by one, naming both counts.
+    meta_file = tmp_path / "elsewhere" / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["data"] = meta["data"] * 2
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="was written by a run of 2 processes; resume it with the same number "
+                                         r"\(this run has 1\)"):
+        Trainer(rl_config(tmp_path / "elsewhere", warm_model, **{**noisy, "steps": 5})).run()
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path, warm_model):
@@ -122,26 +194,36 @@ def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path, warm_mode
     assert resumed.step == 2 and Checkpointer(run_dir / "checkpoints").latest_step() == 2
 
 
+def parameter_gap(start, a, b):
+    """(gap, moved): the L2 distance between two runs' parameters, and how far run a moved from the start."""
+    norm = lambda xs, ys: float(np.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(xs, ys))))  # noqa: E731
+    return norm(a, b), norm(a, start)
+
+
+def assert_same_training(rows, expected, start, params, expected_params, *, rtol, gap_share):
+    """Per-step rollouts and verdicts equal, per-step loss and gradient norm within rtol, and the final
+    parameters apart by less than gap_share of how far the expected run moved them."""
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    for key in ("reward_mean", "response_length", "share/specific", "share/generic", "share/wrong"):
+        assert [r[key] for r in rows] == [r[key] for r in expected], key  # same rollouts, same verdicts
+    for key in ("update/loss", "update/grad_norm"):
+        np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in expected], rtol=rtol, err_msg=key)
+    gap, moved = parameter_gap(start, expected_params, params)
+    assert moved > 0 and gap <= gap_share * moved, (gap, moved)
+    return gap / moved
+
+
 def test_eight_devices_match_one(tmp_path, warm_model):
     one = Trainer(rl_config(tmp_path / "one", warm_model, steps=2), devices=jax.devices()[:1])
+    start = trainable(one)
     one.run()
     eight = Trainer(rl_config(tmp_path / "eight", warm_model, steps=2, **{"mesh.fsdp": 4, "mesh.tensor": 2}))
     assert eight.mesh.devices.size == 8
     eight.run()
     m1 = [r for r in read_metrics(tmp_path / "one") if "reward_mean" in r]
     m8 = [r for r in read_metrics(tmp_path / "eight") if "reward_mean" in r]
-    assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m8]  # same rollouts, same verdicts
-    # The first update starts from identical weights: its numbers agree to rounding.
-    for key in ("update/loss", "update/grad_norm", "update/clip_fraction"):
-        np.testing.assert_allclose(m8[0][key], m1[0][key], rtol=1e-3, atol=1e-6, err_msg=key)
-    # Adam turns rounding differences of near-zero gradients into steps of up to the learning rate, so after
-    # it the runs drift apart slightly: later gradient norms agree to 2% or to 5% of the first step's (when the
-    # second batch's gradient is near zero, the relative drift is larger), parameters to learning rate x steps.
-    np.testing.assert_allclose(m8[1]["update/grad_norm"], m1[1]["update/grad_norm"], rtol=2e-2,
-                               atol=0.05 * m1[0]["update/grad_norm"])
-    bound = 2 * one.rl_config.learning_rate * int(one.learner.state.step)
-    for a, b in zip(trainable(one), trainable(eight)):
-        assert np.abs(a - b).max() <= bound
+    share = assert_same_training(m8, m1, start, trainable(eight), trainable(one), rtol=1e-3, gap_share=1e-3)
+    print(f"8 devices vs 1: parameter gap {share:.2e} of the distance moved")
 
 
 def test_config_errors_fail_before_anything_compiles(tmp_path):
@@ -208,3 +290,50 @@ def test_dynamic_sampling_filters_on_raw_rewards_and_counts_generation_batches(t
     with pytest.raises(DataUsedUp):  # one batch is left: two informative groups, then nothing to draw
         trainer.collect(jax.random.key(1), {})
     assert trainer.generation_batches == 3
+
+
+def test_selected_and_merged_rollouts_with_images_match_a_full_forward(tmp_path, warm_model):
+    """Two real generation batches with images; groups picked from each (select_groups), the second re-padded
+    wider on the left and both merged (merge_rollouts), as dynamic sampling does. Every row's log-probabilities
+    in the update's batch equal a plain forward of that row's own prompt, image (encoded again from its pixels)
+    and response."""
+    from speciarl_jax.rl.batch import make_rollout_batch
+    from speciarl_jax.trainer import merge_rollouts, select_groups
+
+    trainer = Trainer(rl_config(tmp_path, warm_model))
+    trainer.data_iter = trainer.pipeline.iterator()
+    pad, image_token, samples = trainer.processor.pad_token_id, trainer.model.config.image_token_id, 4
+    timings = collections.defaultdict(float)
+    first, second = (trainer.generate_and_grade(trainer.next_prompts(), jax.random.key(i), timings) for i in (0, 1))
+    wider = dataclasses.replace(second.prompts, input_ids=np.pad(second.prompts.input_ids, ((0, 0), (3, 0)),
+                                                                 constant_values=pad),
+                                attention_mask=np.pad(second.prompts.attention_mask, ((0, 0), (3, 0))))
+    second = dataclasses.replace(second, prompts=wider)
+    picks = [(first, [2, 0]), (second, [3, 1])]
+    merged = merge_rollouts([select_groups(b, g, samples, image_token) for b, g in picks], pad, image_token)
+    assert merged.prompts.input_ids.shape[1] == first.prompts.input_ids.shape[1] + 3
+    np.testing.assert_array_equal(merged.group_ids, np.repeat(np.arange(4), samples))
+    batch = make_rollout_batch(trainer.model.config, merged.prompts.model_inputs(), merged.tokens,
+                               merged.response_mask, np.zeros(len(merged.lengths)), num_samples=samples,
+                               image_features=merged.image_features, pad_token_id=pad)
+    got = np.asarray(trainer.learner.rollout_logprobs(trainer.learner.place(batch)))
+
+    # The oracle: each row's prompt without padding, its response, and its image's pixels, in one plain forward
+    # (rows right-padded to a common width: later columns cannot change the earlier columns' logits).
+    rows = [(source, g, g * samples + s) for source, groups in picks for g in groups for s in range(samples)]
+    prompts = [source.prompts.select([g]) for source, g, _ in rows]
+    live = [p.input_ids[0][p.attention_mask[0].astype(bool)] for p in prompts]
+    assert len({len(ids) for ids in live}) == 1  # the synthetic prompts all have the same length
+    width = merged.tokens.shape[1]
+    ids = np.stack([np.concatenate([ids, np.where(source.response_mask[r] > 0, source.tokens[r], pad)])
+                    for ids, (source, _, r) in zip(live, rows)])
+    logits = trainer.model(ids, pixel_values=np.concatenate([p.pixel_values for p in prompts]),
+                           image_grid_thw=np.concatenate([p.image_grid_thw for p in prompts])).logits
+    logp = np.asarray(jax.nn.log_softmax(logits[:, -width - 1:-1]))
+    expected = np.take_along_axis(logp, ids[:, -width:, None], -1)[..., 0]
+    for row, (source, _, r) in enumerate(rows):
+        n = int(source.lengths[r])
+        assert merged.lengths[row] == n and merged.texts[row] == source.texts[r]
+        np.testing.assert_array_equal(merged.tokens[row, :n], source.tokens[r, :n])
+        np.testing.assert_allclose(got[row, :n], expected[row, :n], atol=2e-4, err_msg=f"row {row}")
+    assert len(rows) == 16
