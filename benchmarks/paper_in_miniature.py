@@ -72,8 +72,8 @@ T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 
          2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.04523, 2.042272)
 
 # --quick: the whole pipeline at smoke-test size.
-QUICK = dict(rl_steps=2, batch_size=4, num_samples=4, mini_batch_size=16, eval_images=32, eval_batch=32,
-             warm_sft_steps=20, seeds=(0,), optimizers=("grpo",))
+QUICK = dict(rl_steps=2, batch_size=4, num_samples=4, mini_batch_size=16, eval_images=16, eval_batch=16,
+             warm_sft_steps=8, seeds=(0,), optimizers=("grpo",))
 
 
 # ---------------------------------------------------------------------------------------------------------------

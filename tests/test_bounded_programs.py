@@ -9,8 +9,7 @@ from PIL import Image
 
 from speciarl_jax import buckets, compilation
 from speciarl_jax.data.synthetic import SyntheticSource, SyntheticWorld
-from speciarl_jax.trainer import Trainer
-from test_trainer import read_metrics, rl_config
+from test_trainer import make_trainer, read_metrics, rl_config
 
 
 def varied_manifest(folder, count=48, seed=0):
@@ -35,7 +34,7 @@ def test_images_of_varying_sizes_compile_nothing_after_the_first_steps(tmp_path,
         "steps": 12, "checkpoint_every": 100, "compilation_cache_dir": "", "rollout.precompile": True,
         "data.source": {"kind": "manifest", "path": str(manifest)}, "verifier.taxonomy_path": str(taxonomy),
         "data.image_size": (0, 0), "data.max_pixels": 140 * 140})
-    trainer = Trainer(config)
+    trainer = make_trainer(config)
     trainer.run()
     counts = [m["compile/count"] for m in read_metrics(config.run_dir) if "compile/count" in m]
     assert len(counts) == 12

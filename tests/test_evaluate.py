@@ -85,6 +85,13 @@ def test_tiny_model_on_mock_tfds_and_synthetic_world(tiny_checkpoint, tmp_path):
     config.model.name = ""
     assert evaluate.model_name(config) == "run step 4"
     config.model.name = "tiny"
+    # The adapter was applied: the base model alone answers the same images differently.
+    base = tiny_config(tiny_checkpoint, tmp_path / "base")
+    base.datasets = {"synthetic": config.datasets.synthetic.to_dict()}
+    evaluate.evaluate(base)
+    adapted = {p["sample_id"]: p["text"] for p in predictions if p["dataset"] == "synthetic"}
+    plain = {p["sample_id"]: p["text"] for p in lines(tmp_path / "base" / "predictions.jsonl")}
+    assert plain.keys() == adapted.keys() and sum(plain[k] != adapted[k] for k in plain) >= 3, (plain, adapted)
 
     # A second run finds everything done: nothing is generated (no model is even loaded) or graded again.
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):

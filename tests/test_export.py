@@ -116,7 +116,8 @@ def test_merged_export_matches_transformers(tiny_checkpoint, peft_folder, tmp_pa
     # bfloat16: the config says so and the logits stay close.
     export.export(str(tiny_checkpoint), str(tmp_path / "bf16"), adapter=str(folder), dtype="bfloat16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    np.testing.assert_allclose(our_logits(from_pretrained(tmp_path / "bf16")), expected, atol=0.1)
+    # Rounding to bfloat16 moves the logits by ~0.002; the adapter itself moves them by ~0.5 (test_peft_*).
+    np.testing.assert_allclose(our_logits(from_pretrained(tmp_path / "bf16")), expected, atol=0.01)
 
 
 def test_adapter_checkpoint_round_trip(tiny_checkpoint, tmp_path):

@@ -1,5 +1,5 @@
-"""Two JAX processes on localhost (CPU, gloo collectives) train like one process with the same devices:
-SFT warm start, RL steps, a checkpoint, and a resume in a fresh pair of processes."""
+"""Two JAX processes on localhost (CPU, gloo collectives) train like one process with the same devices: SFT warm
+start, RL steps and checkpoints. (Resuming in a fresh pair: tests/test_multiprocess_failures.py.)"""
 
 import json
 import os
@@ -66,22 +66,20 @@ def run_two_processes(tmp_path, run_dir, steps):
 
 def test_two_processes_match_one_process(tmp_path):
     two_dir = tmp_path / "two"
-    run_two_processes(tmp_path, two_dir, steps=2)  # SFT, steps 1-2, checkpoints 1 and 2
+    params_two = run_two_processes(tmp_path, two_dir, steps=3)  # SFT, steps 1-3, a checkpoint after each
     assert not os.path.exists(two_dir / "sft_model.tmp") and os.path.exists(two_dir / "sft_model" / "config.json")
-    params_two = run_two_processes(tmp_path, two_dir, steps=3)  # resumes at step 2, runs step 3
 
     one = Trainer(config_for(tmp_path / "one", steps=3), devices=jax.devices()[:2])
     one.run()
     start = trainable(Trainer(config_for(tmp_path / "one", steps=3), devices=jax.devices()[:2]))  # the SFT model
     m1 = [r for r in read_metrics(tmp_path / "one") if "reward_mean" in r]
     m2 = [r for r in read_metrics(two_dir) if "reward_mean" in r]
-    assert [r["step"] for r in m2] == [1, 2, 3]  # the resumed pair went on from step 2
     sft1 = [r for r in read_metrics(tmp_path / "one") if "sft/loss" in r][0]
     sft2 = [r for r in read_metrics(two_dir) if "sft/loss" in r][0]
     np.testing.assert_allclose(sft2["sft/loss"], sft1["sft/loss"], rtol=1e-4)
     assert any(r["reward_std"] > 0 for r in m1)  # rewards differ within groups: the updates do something
     # The same prompts in the same order, the same samples, the same verdicts; the same updates.
-    share = assert_same_training(m2, m1, start, params_two, trainable(one), rtol=1e-3, gap_share=0.02)
+    share = assert_same_training(m2, m1, start, params_two, trainable(one), rtol=1e-3, gap_share=5e-3)
     print(f"2 processes vs 1: parameter gap {share:.2e} of the distance moved")
     with open(two_dir / "checkpoints" / "3" / "meta" / "metadata") as f:
         meta = json.load(f)

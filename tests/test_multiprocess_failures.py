@@ -31,7 +31,7 @@ class Pair:
     """Two processes of `python -m speciarl_jax.train`, each with its own config and an optional action taken
     at the start of an RL step (`hooks[rank] = (step, "SIGTERM" | "SIGKILL")`)."""
 
-    def __init__(self, tmp_path, name, configs, hooks=None, cache_dir=None):
+    def __init__(self, tmp_path, name, configs, hooks=None):
         port = free_port()
         self.procs, self.started, self.wall_start = [], time.monotonic(), time.time()
         for rank, config in enumerate(configs):
@@ -60,11 +60,11 @@ class Pair:
                 sys.argv = ["train", "--config={REPO}/tests/json_config.py:{config_file}"]
                 app.run(train.main)
             """)
+            # The pairs inherit the session's compilation cache (tests/conftest.py): later pairs load what the
+            # first one compiled.
             env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
                    "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
                    "JAX_PROCESS_ID": str(rank)}
-            if cache_dir:
-                env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
             self.procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                                                stderr=subprocess.STDOUT, text=True))
 
@@ -82,11 +82,6 @@ class Pair:
                 raise AssertionError(f"the pair did not finish within {timeout} s: {results}")
             time.sleep(0.1)
         return results
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")  # compilations shared by the pairs of this module
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +113,10 @@ def assert_same_run(run_dir, straight):
     assert moved > 0 and gap <= 0.05 * moved, (gap, moved)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, warm_model, straight, cache_dir):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, warm_model, straight):
     run_dir = tmp_path / "run"
     config = pair_config(run_dir, warm_model, checkpoint_every=100)  # only the stop saves before the end
-    pair = Pair(tmp_path, "sigterm", [config, config], hooks={1: (2, "SIGTERM")}, cache_dir=cache_dir)
+    pair = Pair(tmp_path, "sigterm", [config, config], hooks={1: (2, "SIGTERM")})
     results = pair.wait()
     for code, out, _ in results:
         assert code == 3, out[-3000:]
@@ -132,16 +127,16 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, warm_model
     print(f"seconds from the signal to each process's exit: {to_exit[0]:.1f}, {to_exit[1]:.1f}")
     assert Checkpointer(run_dir / "checkpoints").all_steps() == [2]
 
-    results = Pair(tmp_path, "resume", [config, config], cache_dir=cache_dir).wait()  # a fresh pair
+    results = Pair(tmp_path, "resume", [config, config]).wait()  # a fresh pair
     assert [code for code, _, _ in results] == [0, 0], results[0][1][-3000:]
     assert [r["step"] for r in read_metrics(run_dir) if "reward_mean" in r] == [1, 2, 3]
     assert_same_run(run_dir, straight)
 
 
-def test_a_killed_process_ends_the_other_and_the_rerun_resumes(tmp_path, warm_model, straight, cache_dir):
+def test_a_killed_process_ends_the_other_and_the_rerun_resumes(tmp_path, warm_model, straight):
     run_dir = tmp_path / "run"
     config = pair_config(run_dir, warm_model, checkpoint_every=1)
-    pair = Pair(tmp_path, "kill", [config, config], hooks={1: (3, "SIGKILL")}, cache_dir=cache_dir)
+    pair = Pair(tmp_path, "kill", [config, config], hooks={1: (3, "SIGKILL")})
     (code0, out0, end0), (code1, _, end1) = pair.wait()
     assert code1 == -signal.SIGKILL
     assert code0 not in (0, 3), out0[-3000:]
@@ -153,12 +148,12 @@ def test_a_killed_process_ends_the_other_and_the_rerun_resumes(tmp_path, warm_mo
     finished = Checkpointer(run_dir / "checkpoints").all_steps()
     assert finished and max(finished) in (1, 2), finished  # step 2's save may or may not have been finished
 
-    results = Pair(tmp_path, "rerun", [config, config], cache_dir=cache_dir).wait()
+    results = Pair(tmp_path, "rerun", [config, config]).wait()
     assert [code for code, _, _ in results] == [0, 0], results[0][1][-3000:]
     assert_same_run(run_dir, straight)
 
 
-def test_a_verifier_outage_on_one_process_stops_both(tmp_path, warm_model, cache_dir):
+def test_a_verifier_outage_on_one_process_stops_both(tmp_path, warm_model):
     run_dir = tmp_path / "run"
     base = pair_config(run_dir, warm_model, **{"verifier.kind": "openai", "verifier.max_retries": 1,
                                                 "verifier.backoff_initial_s": 0.01, "verifier.backoff_max_s": 0.01,
@@ -168,16 +163,16 @@ def test_a_verifier_outage_on_one_process_stops_both(tmp_path, warm_model, cache
             LoopbackVerifierServer(taxonomy, faults=FaultPlan(first=["500"] * 10_000)) as bad:
         configs = [base.copy_and_resolve_references(), base.copy_and_resolve_references()]
         configs[0].verifier.base_url, configs[1].verifier.base_url = good.url, bad.url
-        results = Pair(tmp_path, "outage", configs, cache_dir=cache_dir).wait()
+        results = Pair(tmp_path, "outage", configs).wait()
     for code, out, _ in results:
         assert code == 3, out[-3000:]
         assert "The verifier failed at step 1: process 1:" in out and "step 0 is saved" in out, out[-3000:]
     assert Checkpointer(run_dir / "checkpoints").all_steps() == [0]
 
 
-def test_processes_that_do_not_share_the_run_folder_refuse_to_start(tmp_path, warm_model, cache_dir):
+def test_processes_that_do_not_share_the_run_folder_refuse_to_start(tmp_path, warm_model):
     configs = [pair_config(tmp_path / f"host{rank}", warm_model) for rank in range(2)]
-    results = Pair(tmp_path, "folders", configs, cache_dir=cache_dir).wait(timeout=300)
+    results = Pair(tmp_path, "folders", configs).wait(timeout=300)
     for code, out, _ in results:
         assert code not in (0, 3), out[-3000:]
         assert "config.run_dir must be one folder shared by every process, but process(es) [1]" in out, out[-3000:]

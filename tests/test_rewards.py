@@ -158,9 +158,15 @@ def test_paper_sized_batch_matches_a_per_group_loop():
     groups = np.repeat(np.arange(256), 10)
     out = best_prediction_rewards(categories, groups)
     assert out.shape == (2560,) and out.dtype == np.float32
+    # The rule written out per group: 1 for the group's best rung (specific and more specific share the top;
+    # wrong never counts), 0 for the rest, -1 for an unparsed answer, 0 for a verifier error.
+    rung = {MORE_SPECIFIC: 0, SPECIFIC: 0, LESS_SPECIFIC: 1, GENERIC: 2, ABSTAIN: 3}
     for g in range(256):
         block = categories[g * 10:(g + 1) * 10]
-        assert out[g * 10:(g + 1) * 10].tolist() == _rewards(block)
+        ranked = [rung[c] for c in block if c in rung]
+        best = min(ranked) if ranked else None
+        expected = [-1.0 if c == PARSE_FAILURE else 1.0 if rung.get(c, -1) == best else 0.0 for c in block]
+        assert out[g * 10:(g + 1) * 10].tolist() == expected, block
 
 
 def test_reward_argument_checks():

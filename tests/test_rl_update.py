@@ -220,7 +220,7 @@ def test_bucketed_update_equals_the_single_program_update(tiny_checkpoint, mode)
 
 def test_remat_keeps_gradients_and_holds_one_layer_of_activations(tiny_checkpoint):
     """Gradient checkpointing changes nothing in the gradients (LoRA and full fine-tuning), and XLA's buffer
-    assignment of a 16-layer update shows it keeping one layer's activations instead of all of them."""
+    assignment of an 8-layer update shows it keeping one layer's activations instead of all of them."""
     batch = text_batch(from_pretrained(tiny_checkpoint).config, rows=8, samples=4, response=6)
     batch = batch.replace(old_logprobs=np.full((8, 6), -5.0, np.float32))
     totals = {"tokens": np.float32(batch.response_mask.sum()), "rows": np.float32(7), "num_micro": np.float32(1),
@@ -245,7 +245,7 @@ def test_remat_keeps_gradients_and_holds_one_layer_of_activations(tiny_checkpoin
     from speciarl_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
     from speciarl_jax.rl.batch import abstract_batch
 
-    text = TextConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
+    text = TextConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(16, 8, 8))
     config = Qwen25VLConfig(text=text, vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                                            out_hidden_size=256, fullatt_block_indexes=(0,)),
@@ -261,7 +261,7 @@ def test_remat_keeps_gradients_and_holds_one_layer_of_activations(tiny_checkpoin
         compiled = learner._accumulate.lower(acc, learner.state.params, learner.frozen, shapes,
                                              update.abstract_totals()).compile()
         temporaries[remat] = compiled.memory_analysis().temp_size_in_bytes
-    assert temporaries[True] * 5 < temporaries[False], temporaries
+    assert temporaries[True] * 4 < temporaries[False], temporaries  # 5.6x measured
 
 
 def test_drgrpo_loss_has_verls_scale_whatever_the_micro_batching(tiny_checkpoint):

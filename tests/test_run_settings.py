@@ -13,14 +13,12 @@ from speciarl_jax.rewards import categories as cat
 def trained_run(tmp_path_factory, warm_model):
     """One RL step from the SFT'd tiny policy, with the trainer's own final evaluation on 16 held-out images.
     Prompt ("brief"), system turn ("Name shapes.") and world (variation 0) all differ from evaluate's defaults."""
-    from test_trainer import rl_config
-
-    from speciarl_jax.trainer import Trainer
+    from test_trainer import make_trainer, rl_config
 
     run_dir = tmp_path_factory.mktemp("trained") / "demo"
     config = rl_config(run_dir, warm_model, steps=1,
                        **{"eval.enabled": True, "eval.source.num_images": 16, "eval.batch_size": 16})
-    result = Trainer(config).run()
+    result = make_trainer(config).run()
     return run_dir, result["eval_after"]
 
 

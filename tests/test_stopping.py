@@ -13,7 +13,7 @@ import pytest
 from speciarl_jax.checkpoint import Checkpointer, finished_steps
 from speciarl_jax.stopping import StopFlags
 from speciarl_jax.trainer import Trainer, TrainingInterrupted
-from tests.test_trainer import read_metrics, rl_config
+from tests.test_trainer import make_trainer, read_metrics, rl_config
 
 
 def test_stop_flags_report_what_this_process_saw():
@@ -48,7 +48,7 @@ def test_sigterm_saves_the_finished_step_and_time_based_checkpoints(tmp_path, wa
 
     monkeypatch.setattr(Trainer, "rl_step", rl_step)
     # No step-count checkpoint would fall before step 100; the clock asks for one after every step.
-    trainer = Trainer(rl_config(tmp_path, warm_model, steps=5, checkpoint_every=100, checkpoint_every_seconds=1e-6))
+    trainer = make_trainer(rl_config(tmp_path, warm_model, steps=5, checkpoint_every=100, checkpoint_every_seconds=1e-6))
     with pytest.raises(TrainingInterrupted, match=r"Stopped by signal 15 after step 3; step 3 is saved"):
         trainer.run()
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [1, 2, 3]
@@ -95,11 +95,11 @@ def test_a_verifier_outage_saves_the_last_finished_step_and_the_rerun_goes_on(tm
         config.verifier.base_url = server.url
         with pytest.raises(TrainingInterrupted, match=r"The verifier failed at step 2: .*; step 1 is saved\. "
                                                       r"resume with: python -m speciarl_jax.train"):
-            Trainer(config).run()
+            make_trainer(config).run()
         assert Checkpointer(tmp_path / "checkpoints").all_steps() == [1]
         monkeypatch.setattr(Trainer, "rl_step", real_step)
         server.faults = FaultPlan()
-        resumed = Trainer(config)
+        resumed = make_trainer(config)
         resumed.run()
     assert resumed.step == 3
     assert [r["step"] for r in read_metrics(tmp_path) if "reward_mean" in r] == [1, 2, 3]
@@ -111,7 +111,7 @@ def test_a_nonfinite_loss_stops_without_saving_over_the_last_good_checkpoint(tmp
     import speciarl_jax.trainer as trainer_module
 
     real_advantages = trainer_module.group_advantages
-    trainer = Trainer(rl_config(tmp_path, warm_model, steps=4, checkpoint_every=1))
+    trainer = make_trainer(rl_config(tmp_path, warm_model, steps=4, checkpoint_every=1))
     weights = {}
 
     def advantages(*args, **kwargs):

@@ -42,6 +42,12 @@ def small_config(run_dir, **changes):
     return c
 
 
+def make_trainer(config):
+    """A Trainer on one device. On 2 CPU cores the 8 simulated devices make every step about 1.5x slower, and
+    the sharded paths have tests of their own (test_eight_devices_match_one, tests/test_rl_update.py)."""
+    return Trainer(config, devices=jax.devices()[:1])
+
+
 def rl_config(run_dir, warm_model, **changes):
     return small_config(run_dir, **{"model.tiny": False, "model.path": warm_model, "sft.enabled": False, **changes})
 
@@ -69,7 +75,7 @@ def test_three_steps_of_each_algorithm(tmp_path, warm_model, algorithm, monkeypa
     changes = {"rl.algorithm": algorithm}
     if algorithm == "dapo":
         changes["rl.overlong_buffer"] = 9  # shaping over the last 9 of the 12 new tokens: most answers reach it
-    trainer = Trainer(rl_config(tmp_path, warm_model, **changes))
+    trainer = make_trainer(rl_config(tmp_path, warm_model, **changes))
     graded = []
     if algorithm == "dapo":
         real = trainer.generate_and_grade
@@ -123,14 +129,14 @@ def test_resume_repeats_the_straight_run_step_for_step(tmp_path, warm_model):
     new folder, repeats every step of the straight run: the same prompts (data iterator), samples (RNG), noisy
     verdicts (noise RNG), rewards and updates, and ends with the same parameters."""
     noisy = {"reward.noise": 0.3, "steps": 4}
-    straight = Trainer(rl_config(tmp_path / "straight", warm_model, **noisy))
+    straight = make_trainer(rl_config(tmp_path / "straight", warm_model, **noisy))
     straight.run()
     expected = [r for r in read_metrics(tmp_path / "straight") if "reward_mean" in r]
-    Trainer(rl_config(tmp_path / "split", warm_model, **{**noisy, "steps": 2})).run()
-    elsewhere = Trainer(rl_config(tmp_path / "elsewhere", warm_model, resume=str(tmp_path / "split" / "checkpoints"),
+    make_trainer(rl_config(tmp_path / "split", warm_model, **{**noisy, "steps": 2})).run()
+    elsewhere = make_trainer(rl_config(tmp_path / "elsewhere", warm_model, resume=str(tmp_path / "split" / "checkpoints"),
                                   **noisy))
     elsewhere.run()
-    resumed = Trainer(rl_config(tmp_path / "split", warm_model, **noisy))
+    resumed = make_trainer(rl_config(tmp_path / "split", warm_model, **noisy))
     resumed.run()
     assert resumed.step == elsewhere.step == 4
     assert_same_steps(read_metrics(tmp_path / "split"), expected, [1, 2, 3, 4])
@@ -141,7 +147,7 @@ def test_resume_repeats_the_straight_run_step_for_step(tmp_path, warm_model):
 
     # resume="" starts over in a folder that has checkpoints: its step 1 is the straight run's step 1, and the
     # earlier attempt's checkpoints and metrics are set aside, not deleted.
-    again = Trainer(rl_config(tmp_path / "split", warm_model, resume="", **{**noisy, "steps": 1}))
+    again = make_trainer(rl_config(tmp_path / "split", warm_model, resume="", **{**noisy, "steps": 1}))
     again.run()
     assert again.step == 1 and Checkpointer(tmp_path / "split" / "checkpoints").all_steps() == [1]
     assert_same_steps(read_metrics(tmp_path / "split"), expected, [1])
@@ -156,7 +162,7 @@ def test_resume_repeats_the_straight_run_step_for_step(tmp_path, warm_model):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="was written by a run of 2 processes; resume it with the same number "
                                          r"\(this run has 1\)"):
-        Trainer(rl_config(tmp_path / "elsewhere", warm_model, **{**noisy, "steps": 5})).run()
+        make_trainer(rl_config(tmp_path / "elsewhere", warm_model, **{**noisy, "steps": 5})).run()
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path, warm_model):
@@ -189,7 +195,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path, warm_mode
     assert result.returncode == 17, result.stderr[-3000:]
     checkpointer = Checkpointer(run_dir / "checkpoints")
     assert checkpointer.all_steps() == [1]
-    resumed = Trainer(rl_config(run_dir, warm_model, steps=2, checkpoint_every=1))
+    resumed = make_trainer(rl_config(run_dir, warm_model, steps=2, checkpoint_every=1))
     resumed.run()
     assert resumed.step == 2 and Checkpointer(run_dir / "checkpoints").latest_step() == 2
 
@@ -201,13 +207,15 @@ def parameter_gap(start, a, b):
 
 
 def assert_same_training(rows, expected, start, params, expected_params, *, rtol, gap_share):
-    """Per-step rollouts and verdicts equal, per-step loss and gradient norm within rtol, and the final
+    """Per-step rollouts and verdicts equal, per-step loss and gradient norm close, and the final
     parameters apart by less than gap_share of how far the expected run moved them."""
     assert [r["step"] for r in rows] == [r["step"] for r in expected]
     for key in ("reward_mean", "response_length", "share/specific", "share/generic", "share/wrong"):
         assert [r[key] for r in rows] == [r[key] for r in expected], key  # same rollouts, same verdicts
-    for key in ("update/loss", "update/grad_norm"):
-        np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in expected], rtol=rtol, err_msg=key)
+    for key in ("update/loss", "update/grad_norm"):  # to rtol of each value, or of the run's largest (near 0)
+        want = np.array([r[key] for r in expected])
+        np.testing.assert_allclose([r[key] for r in rows], want, rtol=rtol, atol=rtol * np.abs(want).max(),
+                                   err_msg=key)
     gap, moved = parameter_gap(start, expected_params, params)
     assert moved > 0 and gap <= gap_share * moved, (gap, moved)
     return gap / moved
@@ -262,7 +270,7 @@ def test_dynamic_sampling_filters_on_raw_rewards_and_counts_generation_batches(t
     config = rl_config(tmp_path, warm_model, steps=0, epochs=1, **{
         "rl.algorithm": "dapo", "rl.overlong_buffer": 4, "data.generation_batch_size": 8,
         "data.source.num_images": 24})
-    trainer = Trainer(config)
+    trainer = make_trainer(config)
     assert trainer.generation_budget == trainer.total_steps == 3
     trainer.data_iter = trainer.pipeline.iterator()
     samples = config.rollout.num_samples
@@ -300,7 +308,7 @@ def test_selected_and_merged_rollouts_with_images_match_a_full_forward(tmp_path,
     from speciarl_jax.rl.batch import make_rollout_batch
     from speciarl_jax.trainer import merge_rollouts, select_groups
 
-    trainer = Trainer(rl_config(tmp_path, warm_model))
+    trainer = make_trainer(rl_config(tmp_path, warm_model))
     trainer.data_iter = trainer.pipeline.iterator()
     pad, image_token, samples = trainer.processor.pad_token_id, trainer.model.config.image_token_id, 4
     timings = collections.defaultdict(float)
