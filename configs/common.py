@@ -12,7 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "run"
     c.run_dir = ""  # empty: runs/<name>
-    c.resume = "auto"  # "auto": the latest checkpoint in run_dir; "": start fresh; or a checkpoint folder
+    c.resume = "auto"  # "auto": the latest checkpoint in run_dir; "": start fresh (the earlier attempt moves to
+    # run_dir/earlier/<time>/); or a checkpoint folder
     c.seed = 0
     c.steps = 0  # 0: epochs x batches per epoch
     c.epochs = 15

@@ -139,7 +139,7 @@ def test_bootstrap_matches_resampling_images():
             replicates[k].append(float(values[k]))
     for k in metrics.WITH_INTERVALS:
         slow = np.percentile(replicates[k], [2.5, 97.5])
-        np.testing.assert_allclose(fast.intervals[k], slow, atol=0.006)
+        np.testing.assert_allclose(fast.intervals[k], slow, atol=0.007)  # 0.005 measured; a 92% one: 0.013
     # The same seed gives the same intervals; more images give narrower ones.
     assert metrics.summarize(answers, bootstrap=500, seed=7).intervals == metrics.summarize(
         answers, bootstrap=500, seed=7).intervals
