@@ -21,7 +21,7 @@ from PIL import Image
 
 from speciarl_jax.data import ManifestSource, Pipeline, PipelineOptions, SyntheticWorld
 from speciarl_jax.data.image_ops import ImagePatcher
-from speciarl_jax.models.qwen2_5_vl.tiny import build_tokenizer
+from speciarl_jax.tiny_model import build_tokenizer
 from speciarl_jax.processing import Processor
 
 SIZE = 448

@@ -41,7 +41,7 @@ import numpy as np
 
 
 def build(folder: str, quick: bool):
-    from speciarl_jax.models.qwen2_5_vl.tiny import TinySpec, make_tiny_checkpoint
+    from speciarl_jax.tiny_model import TinySpec, make_tiny_checkpoint
 
     spec = TinySpec() if quick else TinySpec(
         hidden_size=512, intermediate_size=1536, num_layers=12, num_heads=8, num_kv_heads=2,

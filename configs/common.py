@@ -1,4 +1,4 @@
-"""The defaults every run shares (SPEC section 5: the paper's baseline). Other configs start here and change
+"""The defaults every run shares (docs/method.md, the paper's baseline run). Other configs start here and change
 only what differs, so a value lives in one place."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from speciarl_jax.verifier import VerifierConfig
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "run"
+    c.about = ""  # printed when the run starts, after what the config says it will do (e.g. how long it takes)
     c.run_dir = ""  # empty: runs/<name>
     c.resume = "auto"  # "auto": the latest checkpoint in run_dir; "": start fresh (the earlier attempt moves to
     # run_dir/earlier/<time>/); or a checkpoint folder
@@ -83,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
         kind="speciarl",  # "speciarl" (best prediction) or "static"
         mode="all",  # speciarl: "all" or "single"
         table="reward3",  # static: reward3 | scala1 | scala2 | scala3
-        noise=0.0,  # label-noise probability (SPEC section 3)
+        noise=0.0,  # label-noise probability (docs/method.md, rewards)
         noise_seed=0,
     ))
     c.verifier = ml_collections.ConfigDict(VerifierConfig().to_dict())

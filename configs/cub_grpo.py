@@ -1,4 +1,4 @@
-"""The paper's baseline (SPEC section 5): Qwen2.5-VL-7B-Instruct, LoRA r64, SpeciaRL reward, GRPO, 3000 CUB images.
+"""The paper's baseline (docs/method.md): Qwen2.5-VL-7B-Instruct, LoRA r64, SpeciaRL reward, GRPO, 3000 CUB images.
 
     python -m speciarl_jax.train --config=configs/cub_grpo.py --config.model.path=/models/Qwen2.5-VL-7B-Instruct \\
         --config.data.source.data_dir=/data/tfds --config.verifier.base_url=http://verifier:8000/v1

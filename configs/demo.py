@@ -14,6 +14,7 @@ WORLD = dict(kind="synthetic", seed=0, image_size=(56, 56), variation=0.0)
 def get_config():
     c = base_config()
     c.name = "demo"
+    c.about = "About 7 minutes on 2 CPU cores; it ends with a before/after table of held-out answers."
     c.steps = 60
     c.checkpoint_every = 20
     c.model.tiny = True

@@ -1,4 +1,5 @@
-"""The paper's out-of-domain evaluation (SPEC section 6): six fine-grained test sets, greedy decoding, LLM verifier.
+"""The paper's out-of-domain evaluation (docs/method.md, benchmarks and metrics): six fine-grained test sets,
+greedy decoding, LLM verifier.
 
     python -m speciarl_jax.evaluate --config=configs/eval_benchmarks.py:/data \
         --config.model.path=/models/Qwen2.5-VL-7B-Instruct --config.model.adapter=runs/cub_grpo/checkpoints \

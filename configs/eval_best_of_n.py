@@ -1,5 +1,5 @@
-"""Best-of-N on the paper's six test sets (SPEC section 6): N = 64 samples per image at temperature 0.6 and
-top-p 0.95; each image keeps its best-ranked answer. Reports also pool all samples ("per-sample").
+"""Best-of-N on the paper's six test sets (docs/method.md, benchmarks and metrics): N = 64 samples per image at
+temperature 0.6 and top-p 0.95; each image keeps its best-ranked answer. Reports also pool all samples ("per-sample").
 
     python -m speciarl_jax.evaluate --config=configs/eval_best_of_n.py:/data \
         --config.model.path=/models/Qwen2.5-VL-7B-Instruct --config.output_dir=runs/eval/base_bo64

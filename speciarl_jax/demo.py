@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     from speciarl_jax.data.prompts import get_prompt
     from speciarl_jax.data.synthetic import SyntheticWorld
     from speciarl_jax.models.qwen2_5_vl import from_pretrained
-    from speciarl_jax.models.qwen2_5_vl.tiny import make_tiny_checkpoint
+    from speciarl_jax.tiny_model import make_tiny_checkpoint
     from speciarl_jax.processing import Processor
     from speciarl_jax.rewards import best_prediction_rewards, parse_answer
     from speciarl_jax.sampling import RolloutEngine

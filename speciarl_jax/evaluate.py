@@ -1,4 +1,4 @@
-"""Benchmark evaluation: predict, verify, report (SPEC section 6).
+"""Benchmark evaluation: predict, verify, report (docs/method.md, benchmarks and metrics).
 
     python -m speciarl_jax.evaluate --run=runs/demo          # a training run, as it was trained
     python -m speciarl_jax.evaluate --config=configs/eval_benchmarks.py \

@@ -1,4 +1,5 @@
-"""Evaluation metrics over verifier categories (SPEC section 6), with bootstrap confidence intervals.
+"""Evaluation metrics over verifier categories (docs/method.md, benchmarks and metrics), with bootstrap confidence
+intervals.
 
 For one data set, let n be the number of answers (one per image; as in the original evaluator, answers the
 verifier failed on, `verifier error`, count in n: they are neither correct nor wrong, score 0, and are also

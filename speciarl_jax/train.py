@@ -62,16 +62,44 @@ def exit_if_processes_were_lost(err: BaseException, config) -> None:
     os._exit(4)  # JAX's shutdown would wait for the lost processes
 
 
+def describe(config) -> str:
+    """What the run will do, in one line, printed before anything loads."""
+    from .trainer import generation_batch_size, run_dir_of
+
+    model = "a tiny random Qwen2.5-VL" if config.model.tiny else (config.model.path or "no model (set model.path)")
+    length = f"{config.steps} steps" if config.steps else f"{config.epochs} epochs"
+    parts = [f"Run {config.name!r} in {run_dir_of(config)}: {model}"]
+    if config.sft.enabled:
+        parts.append(f"SFT for {config.sft.steps} steps")
+    if config.steps or config.epochs:
+        reward = config.reward.kind + (f" ({config.reward.table})" if config.reward.kind == "static" else "")
+        parts.append(f"then {config.rl.algorithm.upper()} with the {reward} reward for {length} of "
+                     f"{config.data.batch_size} prompts x {config.rollout.num_samples} rollouts"
+                     + (f" (generation batches of {generation_batch_size(config)})"
+                        if generation_batch_size(config) != config.data.batch_size else "")
+                     + f", graded by the {config.verifier.kind} verifier")
+    return f"{', '.join(parts)}. {config.get('about', '')}".strip()
+
+
 def main(argv) -> None:
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
     config = _CONFIG.value
     maybe_initialize_distributed(config.heartbeat_timeout_s)
+    import jax
+
     from .trainer import Trainer, TrainingInterrupted, before_after_table
 
-    try:
+    if jax.process_index() == 0:
+        print(describe(config), flush=True)
+
+    try:  # a wrong setting or path: the message names it, without a traceback (errors of the run keep theirs)
         trainer = Trainer(config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
         result = trainer.run()
     except TrainingInterrupted as err:
         logging.error("%s", err)

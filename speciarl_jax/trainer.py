@@ -40,7 +40,7 @@ from .metrics import HEADLINE, summarize
 from .models import lora
 from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained, set_attention_implementation
 from .models.qwen2_5_vl.layers import ATTENTION_IMPLEMENTATIONS
-from .models.qwen2_5_vl.tiny import TinySpec, make_tiny_checkpoint
+from .tiny_model import TinySpec, make_tiny_checkpoint
 from .processing import Processor
 from .rewards import (best_prediction_rewards, inject_label_noise, parse_answer, static_rewards)
 from .rl import dapo

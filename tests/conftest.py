@@ -26,7 +26,7 @@ flags.FLAGS.mark_as_parsed()
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of a tiny random Qwen2.5-VL Hugging Face folder (untied lm_head), built once per session."""
-    from speciarl_jax.models.qwen2_5_vl.tiny import make_tiny_checkpoint
+    from speciarl_jax.tiny_model import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen"))
 

@@ -8,7 +8,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from speciarl_jax.data import Pipeline, PipelineOptions
 from speciarl_jax.data.image_ops import ImagePatcher, smart_resize
-from speciarl_jax.models.qwen2_5_vl.tiny import build_tokenizer
+from speciarl_jax.tiny_model import build_tokenizer
 from speciarl_jax.processing import Processor
 
 

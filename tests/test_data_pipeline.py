@@ -21,7 +21,7 @@ from speciarl_jax.data import (
     load_prompt,
     pipeline_from_config,
 )
-from speciarl_jax.models.qwen2_5_vl.tiny import build_tokenizer
+from speciarl_jax.tiny_model import build_tokenizer
 from speciarl_jax.processing import Processor
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28, 112 * 112

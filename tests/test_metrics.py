@@ -1,4 +1,4 @@
-"""Evaluation metrics on hand-built category lists: the SPEC section 6 formulas, corner cases, Best-of-N
+"""Evaluation metrics on hand-built category lists: the formulas of docs/method.md, corner cases, Best-of-N
 selection and ties, pooling, and the bootstrap intervals checked against resampling images directly."""
 
 import math

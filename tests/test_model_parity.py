@@ -6,7 +6,7 @@ import torch
 
 from conftest import load_reference
 from speciarl_jax.models.qwen2_5_vl import from_pretrained, get_position_ids
-from speciarl_jax.models.qwen2_5_vl.tiny import TinySpec, make_tiny_checkpoint
+from speciarl_jax.tiny_model import TinySpec, make_tiny_checkpoint
 
 TOL = 1e-4
 

@@ -1,4 +1,4 @@
-"""Rewards on hand-built groups: every rule of SPEC sections 2 and 3."""
+"""Rewards on hand-built groups: every rule of docs/method.md (the answer, rewards)."""
 import numpy as np
 import pytest
 

@@ -250,6 +250,25 @@ def test_config_errors_fail_before_anything_compiles(tmp_path):
         Trainer(small_config(tmp_path, **{"data.generation_batch_size": 8}))
 
 
+def test_the_command_says_what_it_will_do_and_names_a_bad_setting(tmp_path):
+    """The first line of `python -m speciarl_jax.train` says what the run will do; a missing model folder or an
+    impossible batch size ends it with the message alone (exit code 2)."""
+    from speciarl_jax.train import describe
+
+    assert describe(demo_config()) == (
+        "Run 'demo' in runs/demo: a tiny random Qwen2.5-VL, SFT for 1500 steps, then GRPO with the speciarl reward "
+        "for 60 steps of 16 prompts x 8 rollouts, graded by the rule verifier. About 7 minutes on 2 CPU cores; it "
+        "ends with a before/after table of held-out answers.")
+    for setting, message in (("--config.model.path=/no/such/folder", "No config.json at /no/such/folder"),
+                             ("--config.rl.mini_batch_size=7", "rl.mini_batch_size 7 does not divide the 128")):
+        done = subprocess.run([sys.executable, "-m", "speciarl_jax.train", "--config.model.tiny=False", setting,
+                               f"--config.run_dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+        assert done.stdout.startswith("Run 'demo' in "), done.stdout
+        assert done.returncode == 2 and "error: " in done.stderr and message in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_before_after_table():
     before = {"eval/share/specific": 0.1, "eval/correctness": 0.9, "eval/specificity": 0.1, "eval/hm": 0.18,
               "eval/score": 0.3}

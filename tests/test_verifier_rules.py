@@ -55,19 +55,19 @@ def verifier(taxonomy):
 @pytest.mark.parametrize("truth, prediction, verdict", [
     ("golden-winged warbler", "Golden-winged Warbler", SPECIFIC),
     ("golden-winged warbler", "vermivora chrysoptera", SPECIFIC),  # synonym
-    ("lion", "Panthera leo", SPECIFIC),  # SPEC example
-    ("dog", "samoyed", MORE_SPECIFIC),  # SPEC example
+    ("lion", "Panthera leo", SPECIFIC),  # the paper's example
+    ("dog", "samoyed", MORE_SPECIFIC),  # the paper's example
     ("bird", "golden-winged warbler", MORE_SPECIFIC),  # any descendant
-    ("golden-winged warbler", "Warbler", LESS_SPECIFIC),  # SPEC example: the parent
-    ("samoyed", "dog", GENERIC),  # SPEC example: a further ancestor
+    ("golden-winged warbler", "Warbler", LESS_SPECIFIC),  # the paper's example: the parent
+    ("samoyed", "dog", GENERIC),  # the paper's example: a further ancestor
     ("samoyed", "spitz", LESS_SPECIFIC),
     ("golden-winged warbler", "bird", GENERIC),
     ("golden-winged warbler", "aves", GENERIC),
     ("golden-winged warbler", "animal", GENERIC),
-    ("golden-winged warbler", "Blue-winged Warbler", WRONG),  # SPEC example: a sibling
+    ("golden-winged warbler", "Blue-winged Warbler", WRONG),  # the paper's example: a sibling
     ("golden-winged warbler", "cardinal", WRONG),  # a cousin
     ("golden-winged warbler", "spaceship", WRONG),  # unknown
-    ("bird", "robin or cardinal", WRONG),  # SPEC example: several options
+    ("bird", "robin or cardinal", WRONG),  # the paper's example: several options
     ("bird", "robin, cardinal", WRONG),
     ("bird", "none", ABSTAIN),
     ("bird", "I don't know", ABSTAIN),

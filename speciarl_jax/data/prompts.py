@@ -1,4 +1,5 @@
-"""The instructions the policy reads under each image (SPEC section 2), selectable by name or from a file.
+"""The instructions the policy reads under each image (docs/method.md, the policy's answer), selectable by name
+or from a file.
 
 "general" asks what the image shows; "specific" adds a request for the finest name the model is sure of.
 Both ask for reasoning inside <think> </think> and a single label inside <answer> </answer>, or None to

@@ -1,4 +1,4 @@
-"""Categories, answer parsing and rewards (SPEC sections 1-3)."""
+"""Categories, answer parsing and rewards (docs/method.md)."""
 from speciarl_jax.rewards.categories import (
     ABSTAIN,
     ALL_CATEGORIES,

@@ -1,6 +1,6 @@
 """The verdict categories a verifier can give, and their order of merit.
 
-Six categories are verdicts about a prediction (SPEC section 1). Two more mark
+Six categories are verdicts about a prediction (docs/method.md, answer categories). Two more mark
 rollouts that never got a verdict: the answer could not be parsed out of the
 policy's text, or the verifier failed on it.
 """

@@ -1,4 +1,4 @@
-"""Label-noise injection for the robustness ablation (SPEC section 3).
+"""Label-noise injection for the robustness ablation (docs/method.md, rewards).
 
 Verdicts sit on a ladder specific -> less specific -> generic -> abstain -> wrong.
 With probability p each verified rollout is moved one rung: `specific` (and

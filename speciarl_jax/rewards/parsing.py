@@ -1,6 +1,6 @@
 """Getting the label out of a policy's text, and the one normalisation used everywhere.
 
-The policy is asked to answer inside `<answer> </answer>` (SPEC section 2). The same
+The policy is asked to answer inside `<answer> </answer>` (docs/method.md, the policy's answer). The same
 `normalize_label` is applied to ground truths and predictions before they are
 compared, sent to a verifier or used as a cache key, so that "Golden-winged Warbler."
 and "golden-winged  warbler" are one and the same label.

@@ -119,7 +119,7 @@ class RLConfig:
         return self.kl_coef > 0
 
 
-# Algorithm presets (SPEC 4 and 5). Everything else keeps the RLConfig defaults (the paper's optimizer).
+# Algorithm presets (docs/method.md, the update). Everything else keeps the RLConfig defaults (the paper's optimizer).
 PRESETS: dict[str, dict[str, Any]] = {
     "grpo": dict(normalize_std=True, loss_agg_mode="token-mean", kl_coef=0.01, kl_kind="low_var_kl",
                  eps_low=0.2, eps_high=0.2, clip_c=3.0),

@@ -2,7 +2,9 @@
 
 Everything is made locally: a byte-level BPE trained on a short built-in text with the Qwen special tokens,
 a chat template in the Qwen format, the PIL image processor's settings, and random weights saved as a
-Hugging Face folder that transformers loads as it would the real model.
+Hugging Face folder that transformers loads as it would the real model. It sits beside the packages rather than
+in `models/`: its tokenizer learns the project's prompts and synthetic-world names (`data`), which the model
+package must not import (tests/test_import_contracts.py).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from .config import Qwen25VLConfig, TextConfig, VisionConfig
-from .hf_io import save_pretrained
-from .model import Qwen25VL
+from .models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
+from .models.qwen2_5_vl.hf_io import save_pretrained
+from .models.qwen2_5_vl.model import Qwen25VL
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
@@ -55,8 +57,8 @@ the a an of and or in on with is are this that it its none unknown species famil
 def _corpus_lines() -> list[str]:
     """The built-in text plus the project's own prompts and synthetic-world names, so that the prompts the
     demo and tests send tokenize into few tokens (a tiny model's sequences stay short)."""
-    from ...data.prompts import PROMPTS
-    from ...data.synthetic import SyntheticWorld
+    from .data.prompts import PROMPTS
+    from .data.synthetic import SyntheticWorld
 
     world = SyntheticWorld()
     names = [n for c in world.classes for n in (c.name, *c.synonyms)] + list(world.families) + [world.generic]
