@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from .data.config import pipeline_from_config
+from .data.synthetic import source_taxonomy
 from . import multihost
 from .models import lora
 from .rl.batch import make_rollout_batch
@@ -105,11 +106,10 @@ def run_sft(trainer, should_stop=None) -> dict[str, float]:
     `should_stop()` is asked at every step (by every process together) and returns a `stopping.Decision`;
     SFT is not checkpointed, so a stop there means the resumed run starts SFT again.
     """
-    from .trainer import synthetic_taxonomy
-
     config = trainer.config
     cfg = config.sft
-    taxonomy = synthetic_taxonomy(config.data.source.to_dict())
+    hierarchy = source_taxonomy(config.data.source.to_dict())
+    taxonomy = None if hierarchy is None else Taxonomy.from_dict(hierarchy)
     if taxonomy is None and config.verifier.taxonomy_path:
         taxonomy = Taxonomy.from_json(config.verifier.taxonomy_path)
     targets = TargetWriter(cfg.levels, taxonomy, cfg.think, seed=config.seed)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from . import buckets, checkpoint, compilation, multihost, parallel, plan
 from .checkpoint import Checkpointer
 from .data.config import pipeline_from_config
+from .data.synthetic import source_taxonomy
 from .metric_writers import MetricWriter, summary_line
 from .metrics import HEADLINE, summarize
 from .models import lora
@@ -99,12 +100,8 @@ def processor_settings(data_cfg: dict) -> dict:
 
 def synthetic_taxonomy(source_cfg) -> Taxonomy | None:
     """The hierarchy of the synthetic world a source config draws from, or None for other sources."""
-    if source_cfg.get("kind") != "synthetic":
-        return None
-    from .data.synthetic import SyntheticWorld
-
-    world = SyntheticWorld(seed=source_cfg.get("seed", 0), image_size=tuple(source_cfg.get("image_size", (112, 112))))
-    return Taxonomy.from_dict(world.taxonomy())
+    hierarchy = source_taxonomy(source_cfg)
+    return None if hierarchy is None else Taxonomy.from_dict(hierarchy)
 
 
 def build_verifier(config):

@@ -440,3 +440,23 @@ def _empty_slots(text, dtype, num_slots: int, width: int, mesh):
         return KVCache(zeros(shapes[0]), zeros(shapes[1])), state
 
     return jax.jit(build, out_shardings=shardings)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_sampler() -> Sampler:
+    return RolloutEngine()
+
+
+def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *, max_new_tokens,
+             temperature=1.0, top_p=1.0, top_k=0, num_samples=1, eos_token_ids=None, rng=None,
+             sampler: Sampler | None = None, pad_token_id=None) -> SampleOutput:
+    """Sample `num_samples` responses for each left-padded prompt (arrays as the processor returns them).
+
+    temperature 0 (or top_k 1) is greedy decoding. Runs on the rollout engine (`RolloutEngine`) unless a
+    `sampler` is given; see `Sampler` for bucketing and sharding.
+    """
+    return (sampler or _default_sampler()).generate(
+        model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
+        eos_token_ids=eos_token_ids, rng=rng, pad_token_id=pad_token_id,
+    )

@@ -15,7 +15,6 @@ compiles a small, bounded set of programs; each program is traced once and `Samp
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -302,25 +301,3 @@ def check_request(config, input_ids, attention_mask, max_new_tokens, temperature
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos[0]
     rng = jax.random.key(0) if rng is None else rng
     return input_ids, attention_mask, params, eos, int(pad_token_id), rng
-
-
-@functools.lru_cache(maxsize=None)
-def _default_sampler() -> Sampler:
-    from .engine import RolloutEngine  # the engine builds on this module
-
-    return RolloutEngine()
-
-
-def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *, max_new_tokens,
-             temperature=1.0, top_p=1.0, top_k=0, num_samples=1, eos_token_ids=None, rng=None,
-             sampler: Sampler | None = None, pad_token_id=None) -> SampleOutput:
-    """Sample `num_samples` responses for each left-padded prompt (arrays as the processor returns them).
-
-    temperature 0 (or top_k 1) is greedy decoding. Runs on the rollout engine (`RolloutEngine`) unless a
-    `sampler` is given; see `Sampler` for bucketing and sharding.
-    """
-    return (sampler or _default_sampler()).generate(
-        model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
-        eos_token_ids=eos_token_ids, rng=rng, pad_token_id=pad_token_id,
-    )
