@@ -108,8 +108,7 @@ def run_sft(trainer, should_stop=None) -> dict[str, float]:
     """
     config = trainer.config
     cfg = config.sft
-    hierarchy = source_taxonomy(config.data.source.to_dict())
-    taxonomy = None if hierarchy is None else Taxonomy.from_dict(hierarchy)
+    taxonomy = source_taxonomy(config.data.source.to_dict())
     if taxonomy is None and config.verifier.taxonomy_path:
         taxonomy = Taxonomy.from_json(config.verifier.taxonomy_path)
     targets = TargetWriter(cfg.levels, taxonomy, cfg.think, seed=config.seed)

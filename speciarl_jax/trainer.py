@@ -50,7 +50,7 @@ from .rl.batch import image_token_counts, make_rollout_batch, prompt_image_offse
 from .rl.update import Learner, RLConfig, preset
 from .sampling import ENGINES, make_sampler
 from .stopping import StopFlags, TrainingInterrupted
-from .verifier import Taxonomy, VerifierError, make_verifier
+from .verifier import VerifierError, make_verifier
 
 # RLConfig fields where the config's 0 stands for None (ml_collections cannot type a None default).
 _ZERO_IS_NONE = ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "total_steps",
@@ -98,16 +98,10 @@ def processor_settings(data_cfg: dict) -> dict:
     return settings
 
 
-def synthetic_taxonomy(source_cfg) -> Taxonomy | None:
-    """The hierarchy of the synthetic world a source config draws from, or None for other sources."""
-    hierarchy = source_taxonomy(source_cfg)
-    return None if hierarchy is None else Taxonomy.from_dict(hierarchy)
-
-
 def build_verifier(config):
     taxonomy = None
     if config.verifier.kind == "rule" and not config.verifier.taxonomy_path:
-        taxonomy = synthetic_taxonomy(config.data.source.to_dict())
+        taxonomy = source_taxonomy(config.data.source.to_dict())
         if taxonomy is None:
             raise ValueError("verifier.kind='rule' needs verifier.taxonomy_path unless the data is the synthetic world.")
     return make_verifier(config.verifier, taxonomy=taxonomy)

@@ -92,7 +92,7 @@ BREAKS = [
      ["tests/test_import_contracts.py"]),
     ("layers: SFT imports the trainer again (a cycle)", "speciarl_jax/sft.py",
      "    config = trainer.config\n    cfg = config.sft\n",
-     "    from .trainer import synthetic_taxonomy  # noqa: F401\n    config = trainer.config\n    cfg = config.sft\n",
+     "    from .trainer import Trainer  # noqa: F401\n    config = trainer.config\n    cfg = config.sft\n",
      ["tests/test_import_contracts.py"]),
 ]
 

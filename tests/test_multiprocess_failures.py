@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from speciarl_jax.checkpoint import Checkpointer
-from speciarl_jax.trainer import Trainer, synthetic_taxonomy
+from speciarl_jax.data.synthetic import source_taxonomy
+from speciarl_jax.trainer import Trainer
 from speciarl_jax.verifier.server import FaultPlan, LoopbackVerifierServer
 from tests.test_multiprocess import free_port
 from tests.test_trainer import read_metrics, rl_config, trainable
@@ -163,7 +164,7 @@ def test_a_verifier_outage_on_one_process_stops_both(tmp_path, warm_model):
     base = pair_config(run_dir, warm_model, **{"verifier.kind": "openai", "verifier.max_retries": 1,
                                                 "verifier.backoff_initial_s": 0.01, "verifier.backoff_max_s": 0.01,
                                                 "verifier.timeout_s": 5.0})
-    taxonomy = synthetic_taxonomy(base.data.source.to_dict())
+    taxonomy = source_taxonomy(base.data.source.to_dict())
     with LoopbackVerifierServer(taxonomy) as good, \
             LoopbackVerifierServer(taxonomy, faults=FaultPlan(first=["500"] * 10_000)) as bad:
         configs = [base.copy_and_resolve_references(), base.copy_and_resolve_references()]

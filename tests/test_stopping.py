@@ -78,14 +78,14 @@ def test_an_asynchronous_save_keeps_the_values_it_was_given(tmp_path):
 def test_a_verifier_outage_saves_the_last_finished_step_and_the_rerun_goes_on(tmp_path, warm_model, monkeypatch):
     """The LLM verifier starts failing during step 2: step 1 is saved, the run stops with the command to resume,
     and once the verifier is back the same command finishes the run."""
-    from speciarl_jax.trainer import synthetic_taxonomy
+    from speciarl_jax.data.synthetic import source_taxonomy
     from speciarl_jax.verifier.server import FaultPlan, LoopbackVerifierServer
 
     changes = {"verifier.kind": "openai", "verifier.max_retries": 1, "verifier.backoff_initial_s": 0.01,
                "verifier.backoff_max_s": 0.01, "verifier.timeout_s": 5.0}
     config = rl_config(tmp_path, warm_model, steps=3, checkpoint_every=100, **changes)
     real_step = Trainer.rl_step
-    with LoopbackVerifierServer(synthetic_taxonomy(config.data.source.to_dict())) as server:
+    with LoopbackVerifierServer(source_taxonomy(config.data.source.to_dict())) as server:
         def rl_step(self):
             if self.step + 1 == 2:  # every request from here on fails
                 server.faults = FaultPlan(first=[""] * server.requests + ["500"] * 100_000)

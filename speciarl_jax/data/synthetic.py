@@ -277,13 +277,15 @@ class SyntheticWorld:
         return SyntheticSource(self, split, num_images, label_level)
 
 
-def source_taxonomy(source_cfg) -> dict | None:
-    """The label hierarchy (`SyntheticWorld.taxonomy()`) of the world a data source config draws from, or None
-    when the source is not the synthetic world."""
+def source_taxonomy(source_cfg):
+    """The label hierarchy (a verifier `Taxonomy`) of the world a data source config draws from, or None when the
+    source is not the synthetic world."""
     if source_cfg.get("kind") != "synthetic":
         return None
+    from ..verifier.rules import Taxonomy
+
     world = SyntheticWorld(seed=source_cfg.get("seed", 0), image_size=tuple(source_cfg.get("image_size", (112, 112))))
-    return world.taxonomy()
+    return Taxonomy.from_dict(world.taxonomy())
 
 
 class SyntheticSource:
