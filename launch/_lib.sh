@@ -1,9 +1,10 @@
 # shellcheck shell=bash
-# Helpers shared by launch/tpu_vm.sh and launch/gpu_vm.sh (sourced, never run on its own).
+# Helpers shared by launch/tpu_vm.sh, launch/gpu_vm.sh and launch/verifier.sh (sourced, never run on its own).
 #
 # What lives here: error reporting, option-value checks, shell quoting for printed commands, the dry-run
 # switch, secret forwarding (values travel on an ssh session's stdin, never on a command line and never in a
-# file), the tarball of the working tree, and the remote scripts both VM kinds share (install, launch).
+# file), the tarball of the working tree, the remote scripts both VM kinds share (install, launch), and the
+# options and subcommand dispatch both VM scripts share. verifier.sh uses only the first few.
 
 PROG=${PROG:-$(basename "$0")}
 if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
@@ -247,4 +248,94 @@ check_overrides() {  # the arguments after `--` of a train command must be train
   for arg in "$@"; do
     [[ $arg == --* ]] || die "'$arg' after -- is not a trainer flag: pass overrides as --config.KEY=VALUE"
   done
+}
+
+# ---- the command line of tpu_vm.sh and gpu_vm.sh ----
+#
+# The options both VM scripts take are parsed here, so that each one is written once and means the same in
+# both. A script sets SUBCOMMANDS (" create copy ... "), VM_NOUN and ZONE_EXAMPLE (for error messages) and its
+# own defaults, defines
+#   usage               its --help text
+#   parse_own_option    its own options: sets OPT_WORDS to the number of words taken, leaves it 0 if unknown
+#   check_own_options   its own checks, run after the shared ones
+#   follow_train_log    the last step of `all` and of `train --follow`
+#   do_SUBCOMMAND       one function per subcommand
+# and then calls parse_vm_options "$@" and dispatch.
+
+# parse_vm_options ARGS...: the subcommand, then the options, into the globals below; checks them and sets LOC.
+# shellcheck disable=SC2034,SC2153  # the scripts that call this set SUBCOMMANDS and read the globals
+parse_vm_options() {
+  SUBCOMMAND=""
+  NAME="" ZONE="" PROJECT=""
+  SPOT=0 CREATE_FLAGS=()
+  SOURCE=local REPO="" REF=HEAD REMOTE_DIR=speciarl_jax PYVER=3.12
+  CONFIG=configs/cub_grpo.py
+  WAIT_VERIFIER="" VERIFIER_KEY_ENV="" VERIFIER_MODEL="" VERIFIER_TIMEOUT=1800 FOLLOW=0
+  EXTRA=()
+
+  if [[ $# -eq 0 ]]; then usage; exit 2; fi
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    -*) die "the first argument must be a subcommand (${SUBCOMMANDS# }), got '$1'" ;;
+    *) [[ $SUBCOMMANDS == *" $1 "* ]] || die "unknown subcommand '$1' (one of:${SUBCOMMANDS% })"
+       SUBCOMMAND=$1; shift ;;
+  esac
+
+  while [[ $# -gt 0 ]]; do
+    if [[ $1 == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
+    case $1 in
+      --name) need_value "$@"; NAME=$2; shift 2 ;;
+      --zone) need_value "$@"; ZONE=$2; shift 2 ;;
+      --project) need_value "$@"; PROJECT=$2; shift 2 ;;
+      --spot) SPOT=1; shift ;;
+      --create-flag) need_raw_value "$@"; CREATE_FLAGS+=("$2"); shift 2 ;;
+      --source) need_value "$@"; SOURCE=$2; shift 2 ;;
+      --repo) need_value "$@"; REPO=$2; shift 2 ;;
+      --ref) need_value "$@"; REF=$2; shift 2 ;;
+      --remote-dir) need_value "$@"; REMOTE_DIR=$2; shift 2 ;;
+      --python-version) need_value "$@"; PYVER=$2; shift 2 ;;
+      --config) need_value "$@"; CONFIG=$2; shift 2 ;;
+      --secret-env) need_value "$@"; add_secret_name "$1" "$2"; shift 2 ;;
+      --env) need_value "$@"; add_plain_env "$1" "$2"; shift 2 ;;
+      --wait-verifier) need_value "$@"; WAIT_VERIFIER=$2; shift 2 ;;
+      --verifier-key-env) need_value "$@"; add_secret_name "$1" "$2"; VERIFIER_KEY_ENV=$2; shift 2 ;;
+      --verifier-timeout) need_value "$@"; check_int "$1" "$2"; VERIFIER_TIMEOUT=$2; shift 2 ;;
+      --verifier-model) need_value "$@"; VERIFIER_MODEL=$2; shift 2 ;;
+      --follow) FOLLOW=1; shift ;;
+      --dry-run) DRY_RUN=1; shift ;;
+      -h | --help) usage; exit 0 ;;
+      --) shift; EXTRA=("$@"); break ;;
+      *)
+        OPT_WORDS=0
+        parse_own_option "$@"
+        ((OPT_WORDS > 0)) || die "unknown option '$1'"
+        shift "$OPT_WORDS" ;;
+    esac
+  done
+
+  [[ -n $NAME ]] || die "missing --name (the $VM_NOUN name)"
+  [[ -n $ZONE ]] || die "missing --zone (e.g. --zone $ZONE_EXAMPLE)"
+  [[ -n $PROJECT ]] || die "missing --project (the Google Cloud project id)"
+  [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+    die "--name '$NAME' is not a valid $VM_NOUN name (lower-case letters, digits and dashes, starting with a letter)"
+  [[ $SOURCE == local || $SOURCE == git ]] || die "--source must be 'local' or 'git', got '$SOURCE'"
+  [[ $SOURCE == local || -n $REPO ]] || die "--source git needs --repo URL"
+  check_own_options
+  case $SUBCOMMAND in
+    train | all) check_overrides "${EXTRA[@]}" ;;
+    verifier) ;;  # gpu_vm.sh only: the arguments go to verifier.sh serve
+    exec) [[ ${#EXTRA[@]} -gt 0 ]] || die "exec needs a command after --, e.g. exec ... -- nvidia-smi" ;;
+    *) [[ ${#EXTRA[@]} -eq 0 ]] || die "subcommand '$SUBCOMMAND' takes no arguments after --" ;;
+  esac
+  require_gcloud
+  LOC=(--zone="$ZONE" --project="$PROJECT")
+}
+
+# dispatch: run the subcommand; `all` chains the steps of a run.
+dispatch() {
+  case $SUBCOMMAND in
+    train) do_train; if [[ $FOLLOW == 1 ]]; then follow_train_log; fi ;;
+    all) do_create; do_copy; do_setup; do_train; follow_train_log ;;
+    *) "do_$SUBCOMMAND" ;;  # SUBCOMMAND is one of SUBCOMMANDS
+  esac
 }

@@ -88,88 +88,39 @@ Examples:
 EOF
 }
 
-# ---- options ----
-
-SUBCOMMAND=""
-NAME="" ZONE="" PROJECT=""
-MACHINE=a2-ultragpu-1g GPU_TYPE="" GPU_COUNT=1 GPU_COUNT_SET=0
-IMAGE_FAMILY=common-cu128-ubuntu-2204-nvidia-570 IMAGE_PROJECT=deeplearning-platform-release
-DISK=500GB SPOT=0 SPOT_ACTION=STOP
-CREATE_FLAGS=()
-SOURCE=local REPO="" REF=HEAD REMOTE_DIR=speciarl_jax PYVER=3.12
-CONFIG=configs/cub_grpo.py
-WAIT_VERIFIER="" VERIFIER_KEY_ENV="" VERIFIER_MODEL="" VERIFIER_TIMEOUT=1800 FOLLOW=0
-VERIFIER_PORT=8000 VLLM_VERSION=""
-PROCESS=train
-EXTRA=()
+# ---- options (the shared ones are parsed by parse_vm_options in _lib.sh) ----
 
 SUBCOMMANDS=" create copy setup train verifier logs stop exec status delete all "
-if [[ $# -eq 0 ]]; then usage; exit 2; fi
-case $1 in
-  -h | --help) usage; exit 0 ;;
-  -*) die "the first argument must be a subcommand (${SUBCOMMANDS# }), got '$1'" ;;
-  *) [[ $SUBCOMMANDS == *" $1 "* ]] || die "unknown subcommand '$1' (one of:${SUBCOMMANDS% })"
-     SUBCOMMAND=$1; shift ;;
-esac
+VM_NOUN=VM ZONE_EXAMPLE=us-central1-a
+MACHINE=a2-ultragpu-1g GPU_TYPE="" GPU_COUNT=1 GPU_COUNT_SET=0
+IMAGE_FAMILY=common-cu128-ubuntu-2204-nvidia-570 IMAGE_PROJECT=deeplearning-platform-release
+DISK=500GB SPOT_ACTION=STOP
+VERIFIER_PORT=8000 VLLM_VERSION=""
+PROCESS=train
 
-while [[ $# -gt 0 ]]; do
-  if [[ $1 == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
+parse_own_option() {
   case $1 in
-    --name) need_value "$@"; NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
-    --machine-type) need_value "$@"; MACHINE=$2; shift 2 ;;
-    --gpu-type) need_value "$@"; GPU_TYPE=$2; shift 2 ;;
-    --gpu-count) need_value "$@"; check_int "$1" "$2"; GPU_COUNT=$2; GPU_COUNT_SET=1; shift 2 ;;
-    --image-family) need_value "$@"; IMAGE_FAMILY=$2; shift 2 ;;
-    --image-project) need_value "$@"; IMAGE_PROJECT=$2; shift 2 ;;
-    --boot-disk-size) need_value "$@"; DISK=$2; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --spot-action) need_value "$@"; SPOT_ACTION=$2; shift 2 ;;
-    --create-flag) need_raw_value "$@"; CREATE_FLAGS+=("$2"); shift 2 ;;
-    --source) need_value "$@"; SOURCE=$2; shift 2 ;;
-    --repo) need_value "$@"; REPO=$2; shift 2 ;;
-    --ref) need_value "$@"; REF=$2; shift 2 ;;
-    --remote-dir) need_value "$@"; REMOTE_DIR=$2; shift 2 ;;
-    --python-version) need_value "$@"; PYVER=$2; shift 2 ;;
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --secret-env) need_value "$@"; add_secret_name "$1" "$2"; shift 2 ;;
-    --env) need_value "$@"; add_plain_env "$1" "$2"; shift 2 ;;
-    --wait-verifier) need_value "$@"; WAIT_VERIFIER=$2; shift 2 ;;
-    --verifier-key-env) need_value "$@"; add_secret_name "$1" "$2"; VERIFIER_KEY_ENV=$2; shift 2 ;;
-    --verifier-timeout) need_value "$@"; check_int "$1" "$2"; VERIFIER_TIMEOUT=$2; shift 2 ;;
-    --verifier-model) need_value "$@"; VERIFIER_MODEL=$2; shift 2 ;;
-    --verifier-port) need_value "$@"; check_int "$1" "$2"; VERIFIER_PORT=$2; shift 2 ;;
-    --vllm-version) need_value "$@"; VLLM_VERSION=$2; shift 2 ;;
-    --follow) FOLLOW=1; shift ;;
-    --process) need_value "$@"; PROCESS=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown option '$1'" ;;
+    --machine-type) need_value "$@"; MACHINE=$2; OPT_WORDS=2 ;;
+    --gpu-type) need_value "$@"; GPU_TYPE=$2; OPT_WORDS=2 ;;
+    --gpu-count) need_value "$@"; check_int "$1" "$2"; GPU_COUNT=$2; GPU_COUNT_SET=1; OPT_WORDS=2 ;;
+    --image-family) need_value "$@"; IMAGE_FAMILY=$2; OPT_WORDS=2 ;;
+    --image-project) need_value "$@"; IMAGE_PROJECT=$2; OPT_WORDS=2 ;;
+    --boot-disk-size) need_value "$@"; DISK=$2; OPT_WORDS=2 ;;
+    --spot-action) need_value "$@"; SPOT_ACTION=$2; OPT_WORDS=2 ;;
+    --verifier-port) need_value "$@"; check_int "$1" "$2"; VERIFIER_PORT=$2; OPT_WORDS=2 ;;
+    --vllm-version) need_value "$@"; VLLM_VERSION=$2; OPT_WORDS=2 ;;
+    --process) need_value "$@"; PROCESS=$2; OPT_WORDS=2 ;;
   esac
-done
+}
 
-[[ -n $NAME ]] || die "missing --name (the VM name)"
-[[ -n $ZONE ]] || die "missing --zone (e.g. --zone us-central1-a)"
-[[ -n $PROJECT ]] || die "missing --project (the Google Cloud project id)"
-[[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
-  die "--name '$NAME' is not a valid VM name (lower-case letters, digits and dashes, starting with a letter)"
-[[ $SOURCE == local || $SOURCE == git ]] || die "--source must be 'local' or 'git', got '$SOURCE'"
-[[ $SOURCE == local || -n $REPO ]] || die "--source git needs --repo URL"
-[[ $SPOT_ACTION == STOP || $SPOT_ACTION == DELETE ]] || die "--spot-action must be STOP or DELETE, got '$SPOT_ACTION'"
-[[ $PROCESS == train || $PROCESS == verifier ]] || die "--process must be 'train' or 'verifier', got '$PROCESS'"
-[[ $GPU_COUNT_SET == 0 || -n $GPU_TYPE ]] ||
-  die "--gpu-count needs --gpu-type (A2, A3 and G2 machine types come with their GPUs: pick the machine type instead)"
-case $SUBCOMMAND in
-  train | all) check_overrides "${EXTRA[@]}" ;;
-  verifier) ;;
-  exec) [[ ${#EXTRA[@]} -gt 0 ]] || die "exec needs a command after --, e.g. exec ... -- nvidia-smi" ;;
-  *) [[ ${#EXTRA[@]} -eq 0 ]] || die "subcommand '$SUBCOMMAND' takes no arguments after --" ;;
-esac
-require_gcloud
+check_own_options() {
+  [[ $SPOT_ACTION == STOP || $SPOT_ACTION == DELETE ]] || die "--spot-action must be STOP or DELETE, got '$SPOT_ACTION'"
+  [[ $PROCESS == train || $PROCESS == verifier ]] || die "--process must be 'train' or 'verifier', got '$PROCESS'"
+  [[ $GPU_COUNT_SET == 0 || -n $GPU_TYPE ]] ||
+    die "--gpu-count needs --gpu-type (A2, A3 and G2 machine types come with their GPUs: pick the machine type instead)"
+}
 
-LOC=(--zone="$ZONE" --project="$PROJECT")
+parse_vm_options "$@"
 
 ssh_vm() {  # ssh_vm CMD
   run gcloud compute ssh "$NAME" "${LOC[@]}" --quiet --command="$1"
@@ -299,16 +250,6 @@ do_status() { run gcloud compute instances describe "$NAME" "${LOC[@]}"; }
 
 do_delete() { run gcloud compute instances delete "$NAME" "${LOC[@]}" --quiet; }
 
-case $SUBCOMMAND in
-  create) do_create ;;
-  copy) do_copy ;;
-  setup) do_setup ;;
-  train) do_train; if [[ $FOLLOW == 1 ]]; then PROCESS=train; do_logs; fi ;;
-  verifier) do_verifier ;;
-  logs) do_logs ;;
-  stop) do_stop ;;
-  exec) do_exec ;;
-  status) do_status ;;
-  delete) do_delete ;;
-  all) do_create; do_copy; do_setup; do_train; PROCESS=train; do_logs ;;
-esac
+follow_train_log() { PROCESS=train; do_logs; }
+
+dispatch

@@ -85,80 +85,32 @@ Examples:
 EOF
 }
 
-# ---- options ----
-
-SUBCOMMAND=""
-NAME="" ZONE="" PROJECT=""
-ACCEL="" RUNTIME="" SPOT=0 QUEUED=0 QUEUED_ID="" WAIT_TIMEOUT=7200
-CREATE_FLAGS=()
-SOURCE=local REPO="" REF=HEAD REMOTE_DIR=speciarl_jax PYVER=3.12
-CONFIG=configs/cub_grpo.py
-WAIT_VERIFIER="" VERIFIER_KEY_ENV="" VERIFIER_MODEL="" VERIFIER_TIMEOUT=1800 COORD_PORT=8476 FOLLOW=0
-WORKER=0 NUM_WORKERS=1
-EXTRA=()
+# ---- options (the shared ones are parsed by parse_vm_options in _lib.sh) ----
 
 SUBCOMMANDS=" create copy setup train logs stop exec status delete all "
-if [[ $# -eq 0 ]]; then usage; exit 2; fi
-case $1 in
-  -h | --help) usage; exit 0 ;;
-  -*) die "the first argument must be a subcommand (${SUBCOMMANDS# }), got '$1'" ;;
-  *) [[ $SUBCOMMANDS == *" $1 "* ]] || die "unknown subcommand '$1' (one of:${SUBCOMMANDS% })"
-     SUBCOMMAND=$1; shift ;;
-esac
+VM_NOUN="TPU VM" ZONE_EXAMPLE=us-east5-a
+ACCEL="" RUNTIME="" QUEUED=0 QUEUED_ID="" WAIT_TIMEOUT=7200
+COORD_PORT=8476 WORKER=0 NUM_WORKERS=1
 
-while [[ $# -gt 0 ]]; do
-  if [[ $1 == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
+parse_own_option() {
   case $1 in
-    --name) need_value "$@"; NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
-    --accelerator-type) need_value "$@"; ACCEL=$2; shift 2 ;;
-    --runtime-version) need_value "$@"; RUNTIME=$2; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --queued) QUEUED=1; shift ;;
-    --queued-id) need_value "$@"; QUEUED_ID=$2; shift 2 ;;
-    --wait-timeout) need_value "$@"; check_int "$1" "$2"; WAIT_TIMEOUT=$2; shift 2 ;;
-    --create-flag) need_raw_value "$@"; CREATE_FLAGS+=("$2"); shift 2 ;;
-    --source) need_value "$@"; SOURCE=$2; shift 2 ;;
-    --repo) need_value "$@"; REPO=$2; shift 2 ;;
-    --ref) need_value "$@"; REF=$2; shift 2 ;;
-    --remote-dir) need_value "$@"; REMOTE_DIR=$2; shift 2 ;;
-    --python-version) need_value "$@"; PYVER=$2; shift 2 ;;
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --secret-env) need_value "$@"; add_secret_name "$1" "$2"; shift 2 ;;
-    --env) need_value "$@"; add_plain_env "$1" "$2"; shift 2 ;;
-    --wait-verifier) need_value "$@"; WAIT_VERIFIER=$2; shift 2 ;;
-    --verifier-key-env) need_value "$@"; add_secret_name "$1" "$2"; VERIFIER_KEY_ENV=$2; shift 2 ;;
-    --verifier-timeout) need_value "$@"; check_int "$1" "$2"; VERIFIER_TIMEOUT=$2; shift 2 ;;
-    --verifier-model) need_value "$@"; VERIFIER_MODEL=$2; shift 2 ;;
-    --coordinator-port) need_value "$@"; check_int "$1" "$2"; COORD_PORT=$2; shift 2 ;;
-    --follow) FOLLOW=1; shift ;;
-    --worker) need_value "$@"; check_int "$1" "$2"; WORKER=$2; shift 2 ;;
-    --num-workers) need_value "$@"; check_int "$1" "$2"; NUM_WORKERS=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown option '$1'" ;;
+    --accelerator-type) need_value "$@"; ACCEL=$2; OPT_WORDS=2 ;;
+    --runtime-version) need_value "$@"; RUNTIME=$2; OPT_WORDS=2 ;;
+    --queued) QUEUED=1; OPT_WORDS=1 ;;
+    --queued-id) need_value "$@"; QUEUED_ID=$2; OPT_WORDS=2 ;;
+    --wait-timeout) need_value "$@"; check_int "$1" "$2"; WAIT_TIMEOUT=$2; OPT_WORDS=2 ;;
+    --coordinator-port) need_value "$@"; check_int "$1" "$2"; COORD_PORT=$2; OPT_WORDS=2 ;;
+    --worker) need_value "$@"; check_int "$1" "$2"; WORKER=$2; OPT_WORDS=2 ;;
+    --num-workers) need_value "$@"; check_int "$1" "$2"; NUM_WORKERS=$2; OPT_WORDS=2 ;;
   esac
-done
+}
 
-[[ -n $NAME ]] || die "missing --name (the TPU VM name)"
-[[ -n $ZONE ]] || die "missing --zone (e.g. --zone us-east5-a)"
-[[ -n $PROJECT ]] || die "missing --project (the Google Cloud project id)"
-[[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
-  die "--name '$NAME' is not a valid TPU name (lower-case letters, digits and dashes, starting with a letter)"
-[[ $SOURCE == local || $SOURCE == git ]] || die "--source must be 'local' or 'git', got '$SOURCE'"
-[[ $SOURCE == local || -n $REPO ]] || die "--source git needs --repo URL"
-[[ $NUM_WORKERS -ge 1 ]] || die "--num-workers must be at least 1"
-[[ -n $QUEUED_ID ]] || QUEUED_ID="$NAME-qr"
-case $SUBCOMMAND in
-  train | all) check_overrides "${EXTRA[@]}" ;;
-  exec) [[ ${#EXTRA[@]} -gt 0 ]] || die "exec needs a command after --, e.g. exec ... -- nvidia-smi" ;;
-  *) [[ ${#EXTRA[@]} -eq 0 ]] || die "subcommand '$SUBCOMMAND' takes no arguments after --" ;;
-esac
-require_gcloud
+check_own_options() {
+  [[ $NUM_WORKERS -ge 1 ]] || die "--num-workers must be at least 1"
+  [[ -n $QUEUED_ID ]] || QUEUED_ID="$NAME-qr"
+}
 
-LOC=(--zone="$ZONE" --project="$PROJECT")
+parse_vm_options "$@"
 # shellcheck disable=SC2016  # $(hostname) is expanded on the worker: one file per host, even on a shared disk
 PIDFILE='launch_logs/train.$(hostname).pid'
 
@@ -322,15 +274,6 @@ do_delete() {
   fi
 }
 
-case $SUBCOMMAND in
-  create) do_create ;;
-  copy) do_copy ;;
-  setup) do_setup ;;
-  train) do_train; if [[ $FOLLOW == 1 ]]; then WORKER=0; do_logs; fi ;;
-  logs) do_logs ;;
-  stop) do_stop ;;
-  exec) do_exec ;;
-  status) do_status ;;
-  delete) do_delete ;;
-  all) do_create; do_copy; do_setup; do_train; WORKER=0; do_logs ;;
-esac
+follow_train_log() { WORKER=0; do_logs; }
+
+dispatch

@@ -7,10 +7,10 @@
 #   launch/verifier.sh check [options]                           one guided request: prints the label it got
 set -euo pipefail
 PROG=verifier.sh
-if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
-  printf '%s: error: needs bash >= 4.4, this is %s\n' "$PROG" "$BASH_VERSION" >&2
-  exit 2
-fi
+# die, note, need_value, check_int, q and qall (and the bash version check) come from here.
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
 usage() {
   cat <<'EOF'
@@ -59,23 +59,6 @@ Trainer flags that match the defaults:
   --config.verifier.model=Qwen/Qwen3-30B-A3B-Instruct-2507
   --config.verifier.guided=structured_choice --config.verifier.api_key_env=VERIFIER_API_KEY
 EOF
-}
-
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  printf "Run '%s --help' for every option.\n" "$PROG" >&2
-  exit 2
-}
-note() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "option $1 needs a value"; }
-check_int() { [[ $2 =~ ^[0-9]+$ ]] || die "option $1 must be a non-negative integer, got '$2'"; }
-q() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-qall() {
-  local out="" arg
-  for arg in "$@"; do out+="$(q "$arg") "; done
-  printf '%s' "${out% }"
 }
 
 SUBCOMMAND=""

@@ -1,4 +1,13 @@
-"""Training checkpoints with orbax: trainable parameters, optimizer state, and a JSON record of the rest.
+"""The run folder and its checkpoints: what a training run writes where, and how it is read back.
+
+A run folder (`RunFolder`) holds:
+  config.json      the run's config, as trained
+  checkpoints/     orbax steps, `checkpoints/<step>/{params,opt_state,meta}` (below)
+  sft_model/       the Hugging Face folder SFT ended with (present once SFT finished)
+  tiny_model/      the tiny random starting model of `model.tiny` runs
+  metrics.jsonl, tb/   the logs; with checkpoints/, what one attempt writes (`set_aside` moves them)
+  earlier/<time>/  attempts set aside by a run told to start over
+
 
 A checkpoint holds, per step:
   params     the trainable parameters only (the LoRA adapters when LoRA is on, otherwise the whole model);
@@ -11,6 +20,8 @@ finished ones. Paths may be local or `gs://` buckets.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -33,7 +44,8 @@ class Checkpointer:
     rename that finishes it, so a crash mid-write still leaves the previous step as the latest.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = False):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = False,
+                 read_only: bool = False):  # read_only: for readers (evaluation, export): it keeps every step
         directory = os.fspath(directory)
         if not _is_remote(directory):
             directory = os.path.abspath(directory)
@@ -41,7 +53,7 @@ class Checkpointer:
         self._async = async_save
         self._manager = ocp.CheckpointManager(
             epath.Path(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
                                                enable_async_checkpointing=async_save),
             item_names=("params", "opt_state", "meta"),
         )
@@ -89,6 +101,16 @@ class Checkpointer:
         )
         return restored["params"], restored["opt_state"], dict(restored["meta"])
 
+    def restore_params(self, step: int, params_like):
+        """Only the trained parameters of `step` (evaluation, export), shaped and sharded like the template."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like))))
+        return restored["params"]
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON record of `step`: step, RNG state, data iterator state, the run config."""
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
     def close(self) -> None:
         self._manager.close()  # waits for a save in flight
 
@@ -103,8 +125,101 @@ def finished_steps(directory: str) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
+def locate_step(path: str | os.PathLike) -> tuple[str, int] | None:
+    """(checkpoints folder, step) when `path` is a finished step folder `<...>/checkpoints/<step>`, or a
+    checkpoints folder (its latest finished step); None otherwise."""
+    path = os.path.abspath(os.fspath(path))
+
+    def finished(folder: str) -> bool:
+        return os.path.isdir(os.path.join(folder, "params")) and os.path.isdir(os.path.join(folder, "meta"))
+
+    if finished(path) and os.path.basename(path).isdigit():
+        return os.path.dirname(path), int(os.path.basename(path))
+    if os.path.isdir(path):
+        steps = [int(n) for n in os.listdir(path) if n.isdigit() and finished(os.path.join(path, n))]
+        if steps:
+            return path, max(steps)
+    return None
+
+
+def open_step(path: str | os.PathLike) -> tuple[Checkpointer, int]:
+    """A read-only Checkpointer on the step `path` names (see `locate_step`), and that step. Close it after use."""
+    located = locate_step(path)
+    if located is None:
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no <step>/params and <step>/meta)")
+    directory, step = located
+    return Checkpointer(directory, read_only=True), step
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The JSON record (step, run config, ...) of the training checkpoint `path` names."""
+    checkpointer, step = open_step(path)
+    try:
+        return checkpointer.read_meta(step)
+    finally:
+        checkpointer.close()
+
+
 # What one training attempt writes into its run folder (the SFT model and the tiny model are kept across attempts).
 ATTEMPT_ITEMS = ("checkpoints", "metrics.jsonl", "tb")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """Where a run keeps what it writes (the layout is in this module's docstring)."""
+
+    path: str
+
+    @classmethod
+    def of(cls, config) -> RunFolder:
+        """The folder of a run config: `run_dir`, or runs/<name>."""
+        return cls(config.get("run_dir") or os.path.join("runs", config["name"]))
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.path, "checkpoints")
+
+    @property
+    def sft_model(self) -> str:
+        return os.path.join(self.path, "sft_model")
+
+    @property
+    def tiny_model(self) -> str:
+        return os.path.join(self.path, "tiny_model")
+
+    @property
+    def config_file(self) -> str:
+        return os.path.join(self.path, "config.json")
+
+    def has_sft_model(self) -> bool:
+        """SFT finished: its folder is renamed into place only once complete, config.json included."""
+        return os.path.exists(os.path.join(self.sft_model, "config.json"))
+
+    def training_config(self) -> dict | None:
+        """The config the run was trained with, or None when this is not a run folder."""
+        try:
+            with open(self.config_file) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+        return config if isinstance(config, dict) and "rl" in config and "data" in config else None
+
+    def write_config(self, config) -> None:
+        with open(self.config_file, "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    def initial_model(self, config) -> str | None:
+        """The Hugging Face folder RL starts from (and a checkpoint's parameters apply to): the SFT model when
+        the run warm-starts with SFT, else the tiny model of `model.tiny`, else `model.path`."""
+        if config.get("sft", {}).get("enabled"):
+            return self.sft_model
+        model = config.get("model", {})
+        if model.get("tiny"):
+            return self.tiny_model
+        return model.get("path") or None
+
+    def set_aside(self) -> str | None:
+        return set_aside(self.path)
 
 
 def set_aside(run_dir: str) -> str | None:

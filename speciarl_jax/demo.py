@@ -15,7 +15,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 
 def main(argv=None) -> None:
@@ -27,15 +26,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from speciarl_jax.answering import Decoding, ask
     from speciarl_jax.data.prompts import get_prompt
     from speciarl_jax.data.synthetic import SyntheticWorld
     from speciarl_jax.models.qwen2_5_vl import from_pretrained
-    from speciarl_jax.tiny_model import make_tiny_checkpoint
     from speciarl_jax.processing import Processor
-    from speciarl_jax.rewards import best_prediction_rewards, parse_answer
+    from speciarl_jax.rewards import best_prediction_rewards
     from speciarl_jax.sampling import RolloutEngine
+    from speciarl_jax.tiny_model import make_tiny_checkpoint
     from speciarl_jax.verifier import Taxonomy, make_verifier
 
+    print(f"One RL step's data path on a tiny random Qwen2.5-VL, without the update: {args.images} held-out "
+          f"synthetic images x {args.samples} samples, graded by the rule verifier, scored by SpeciaRL's reward "
+          "(under a minute on CPU).", flush=True)
     timings = {}
     start = time.perf_counter()
     model_dir = os.path.join(args.out, "tiny_model")
@@ -53,24 +56,18 @@ def main(argv=None) -> None:
     batch = processor([prompt] * len(examples), images=[e.image for e in examples])
 
     start = time.perf_counter()
-    out = RolloutEngine().generate(
-        model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
-        max_new_tokens=args.max_new_tokens, temperature=1.0, num_samples=args.samples,
-        eos_token_ids=processor.eos_token_ids, rng=jax.random.key(args.seed),
-    )
+    answers = ask(RolloutEngine(), model, processor, batch,
+                  Decoding(args.max_new_tokens, temperature=1.0, num_samples=args.samples), jax.random.key(args.seed))
+    out, texts = answers.output, answers.texts
     timings["generate"] = time.perf_counter() - start
 
-    texts = processor.decode_responses(out.tokens, out.lengths)
     labels = [e.label for e in examples for _ in range(args.samples)]
-    answers = [parse_answer(t) for t in texts]
     start = time.perf_counter()
-    categories = verifier.classify(list(zip(labels, answers)))
+    categories = verifier.classify(answers.pairs([e.label for e in examples]))
     timings["verify"] = time.perf_counter() - start
-    groups = np.repeat(np.arange(len(examples)), args.samples)
-    rewards = best_prediction_rewards(categories, groups)
+    rewards = best_prediction_rewards(categories, answers.group_ids)
 
-    print(f"{len(examples)} held-out synthetic images x {args.samples} samples, tiny random policy "
-          f"({sum(x.size for x in jax.tree.leaves(model)) / 1e6:.2f}M parameters)")
+    print(f"tiny random policy: {sum(x.size for x in jax.tree.leaves(model)) / 1e6:.2f}M parameters")
     for i in range(min(len(texts), 2 * args.samples)):
         print(f"  [{labels[i]}] -> {texts[i][:60]!r} : {categories[i]}, reward {rewards[i]:+.1f}")
     shares = collections.Counter(categories)

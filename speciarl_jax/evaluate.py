@@ -182,9 +182,9 @@ def model_name(config) -> str:
         return "simulated"
     if not config.model.adapter:
         return os.path.basename(os.path.normpath(config.model.path))
-    from speciarl_jax import export
+    from speciarl_jax import checkpoint
 
-    located = export.training_step(config.model.adapter)
+    located = checkpoint.locate_step(config.model.adapter)
     if located is not None:  # <run>/checkpoints/<step> -> "<run> step <step>"
         return f"{os.path.basename(os.path.dirname(located[0]))} step {located[1]}"
     base = os.path.basename(os.path.normpath(config.model.path)) if config.model.path else "model"
@@ -233,9 +233,9 @@ def _adapter_identity(adapter: str) -> str:
     """The adapter's absolute path; a checkpoints folder stands for its latest step, so name that step."""
     if not adapter:
         return ""
-    from speciarl_jax import export
+    from speciarl_jax import checkpoint
 
-    located = export.training_step(adapter)
+    located = checkpoint.locate_step(adapter)
     if located is not None:
         return os.path.join(located[0], str(located[1]))
     return os.path.abspath(adapter)
@@ -405,6 +405,7 @@ class Completion:
     text: str
     tokens: int
     truncated: bool
+    answer: str | None  # what the text names (rewards.parse_answer), None when it names nothing
 
 
 class QwenPredictor:
@@ -441,6 +442,7 @@ class QwenPredictor:
         """(sample ids, labels, completions per image) for each batch of `source`."""
         import jax
 
+        from speciarl_jax.answering import Decoding, ask
         from speciarl_jax.data import Pipeline, PipelineOptions
 
         c, d = self.config, self.config.decoding
@@ -452,23 +454,16 @@ class QwenPredictor:
             read_threads=c.data.read_threads, process_index=0, process_count=1,
         )
         greedy = d.mode == "greedy"
-        eos = set(self.processor.eos_token_ids)
+        decoding = Decoding(d.max_new_tokens, temperature=0.0 if greedy else d.temperature,
+                            top_p=1.0 if greedy else d.top_p, top_k=0 if greedy else d.top_k,
+                            num_samples=self.samples)
         with Pipeline(source, self.processor, options).iterator() as iterator:
             for batch in iterator:
                 # A seed per batch from its first sample id: a resumed run draws the same way for that batch.
                 rng = jax.random.fold_in(jax.random.key(d.seed), zlib.crc32(batch.sample_ids[0].encode()))
-                out = self.sampler.generate(
-                    self.model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                    max_new_tokens=d.max_new_tokens, temperature=0.0 if greedy else d.temperature,
-                    top_p=1.0 if greedy else d.top_p, top_k=0 if greedy else d.top_k, num_samples=self.samples,
-                    eos_token_ids=self.processor.eos_token_ids, rng=rng,
-                )
-                completions = []
-                for row, length in zip(out.tokens, out.lengths):
-                    length = int(length)
-                    ended = length > 0 and int(row[length - 1]) in eos
-                    completions.append(Completion(self.processor.decode(row[:length]), length,
-                                                  length == d.max_new_tokens and not ended))
+                answers = ask(self.sampler, self.model, self.processor, batch.model_inputs(), decoding, rng)
+                completions = [Completion(text, int(length), bool(cut), answer) for text, length, cut, answer
+                               in zip(answers.texts, answers.output.lengths, answers.truncated, answers.answers)]
                 keep = [i for i in range(len(batch)) if batch.valid[i]]
                 grouped = [completions[i * self.samples:(i + 1) * self.samples] for i in keep]
                 yield [batch.sample_ids[i] for i in keep], [batch.labels[i] for i in keep], grouped
@@ -548,7 +543,7 @@ class SimulatedPredictor:
             grouped = []
             for sid, label in zip(ids, chunk):
                 texts = [self.answer(label, pool, f"{dataset}/{sid}", k) for k in range(self.samples)]
-                grouped.append([Completion(t, len(t.split()), False) for t in texts])
+                grouped.append([Completion(t, len(t.split()), False, parse_answer(t)) for t in texts])
             yield ids, chunk, grouped
 
 
@@ -708,7 +703,7 @@ def evaluate(config, resolution=None) -> list[dict]:
                     missing = set(store.missing_samples(name, sid, n))
                     records += [
                         {"dataset": name, "sample_id": sid, "sample": k, "label": label, "text": c.text,
-                         "answer": parse_answer(c.text), "tokens": c.tokens, "truncated": c.truncated}
+                         "answer": c.answer, "tokens": c.tokens, "truncated": c.truncated}
                         for k, c in enumerate(completions) if k in missing
                     ]
                 store.add_predictions(records)

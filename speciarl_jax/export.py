@@ -23,7 +23,6 @@ Adapters come from three kinds of folder (`load_adapter`):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from speciarl_jax import checkpoint
 from speciarl_jax.models import lora
 from speciarl_jax.models.qwen2_5_vl import hf_io
 
@@ -302,86 +302,33 @@ def load_adapter_checkpoint(model: nnx.Module, folder: str | os.PathLike) -> lis
 # Training checkpoints (speciarl_jax.checkpoint.Checkpointer: <run>/checkpoints/<step>/{params,opt_state,meta})
 
 
-def training_step(path: str | os.PathLike) -> tuple[str, int] | None:
-    """(checkpoints folder, step) when `path` is a trainer step folder, or a checkpoints folder (its latest
-    finished step); None otherwise."""
-    path = os.path.abspath(os.fspath(path))
-
-    def finished(folder: str) -> bool:
-        return os.path.isdir(os.path.join(folder, "params")) and os.path.isdir(os.path.join(folder, "meta"))
-
-    if finished(path) and os.path.basename(path).isdigit():
-        return os.path.dirname(path), int(os.path.basename(path))
-    if os.path.isdir(path):
-        steps = [int(n) for n in os.listdir(path) if n.isdigit() and finished(os.path.join(path, n))]
-        if steps:
-            return path, max(steps)
-    return None
-
-
-@contextlib.contextmanager
-def _manager(directory: str):
-    import orbax.checkpoint as ocp
-
-    manager = ocp.CheckpointManager(directory, item_names=("params", "meta"))
-    try:
-        yield manager
-    finally:
-        manager.close()
-
-
-def training_meta(path: str | os.PathLike) -> dict:
-    """The JSON record (step, run config, ...) of a trainer checkpoint."""
-    import orbax.checkpoint as ocp
-
-    located = training_step(path)
-    if located is None:
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no <step>/params and <step>/meta)")
-    directory, step = located
-    with _manager(directory) as manager:
-        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-
-
 def training_base_model(path: str | os.PathLike) -> str | None:
-    """The folder whose weights a trainer checkpoint's adapters (or fine-tuned weights) apply to: the SFT model
-    `<run>/sft_model` when the run warm-started with SFT, else the run's base (`model.path`, or
-    `<run>/tiny_model` for `model.tiny`). None when `path` is not a training checkpoint."""
-    located = training_step(path)
+    """The folder whose weights a trainer checkpoint's adapters (or fine-tuned weights) apply to (see
+    `checkpoint.RunFolder.initial_model`). None when `path` is not a training checkpoint."""
+    located = checkpoint.locate_step(path)
     if located is None:
         return None
-    run_dir = os.path.dirname(located[0])
-    config = training_meta(path).get("config", {})
-    if config.get("sft", {}).get("enabled"):
-        sft = os.path.join(run_dir, "sft_model")
-        if not os.path.exists(os.path.join(sft, "config.json")):
-            raise FileNotFoundError(f"{path} was trained after SFT, but the SFT model {sft} is missing")
-        return sft
-    model = config.get("model", {})
-    if model.get("tiny"):
-        return os.path.join(run_dir, "tiny_model")
-    return model.get("path") or None
+    run = checkpoint.RunFolder(os.path.dirname(located[0]))
+    config = checkpoint.read_meta(path).get("config", {})
+    base = run.initial_model(config)
+    if config.get("sft", {}).get("enabled") and not run.has_sft_model():
+        raise FileNotFoundError(f"{path} was trained after SFT, but the SFT model {base} is missing")
+    return base
 
 
 def load_training_checkpoint(model: nnx.Module, path: str | os.PathLike) -> list[str]:
     """Apply the run's LoRA (its config's `lora` section) and restore the trained variables of a trainer
     checkpoint: the adapters, or with rank 0 the fully fine-tuned parameters."""
-    import orbax.checkpoint as ocp
-
-    located = training_step(path)
-    if located is None:
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no <step>/params and <step>/meta)")
-    directory, step = located
-    settings = training_meta(path).get("config", {}).get("lora", {})
-    known = {f.name for f in dataclasses.fields(lora.LoRAConfig)}
-    config = lora.LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in known})
-    lora.apply_lora(model, config)
-    like = nnx.state(model, lora.trainable_filter(config))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x, like
-    )
-    with _manager(directory) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-    nnx.update(model, restored["params"])
+    checkpointer, step = checkpoint.open_step(path)
+    try:
+        settings = checkpointer.read_meta(step).get("config", {}).get("lora", {})
+        known = {f.name for f in dataclasses.fields(lora.LoRAConfig)}
+        config = lora.LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
+                                    if k in known})
+        lora.apply_lora(model, config)
+        nnx.update(model, checkpointer.restore_params(step, nnx.state(model, lora.trainable_filter(config))))
+    finally:
+        checkpointer.close()
     return [name for name, _ in lora.lora_layers(model)]
 
 
@@ -395,7 +342,7 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> list[str]:
         return load_adapter_checkpoint(model, path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapter folder not found: {path}")
-    if training_step(path) is not None:
+    if checkpoint.locate_step(path) is not None:
         return load_training_checkpoint(model, path)
     raise FileNotFoundError(
         f"{path} holds neither {PEFT_CONFIG} (a PEFT adapter), {LORA_CONFIG} + {ADAPTER_ITEM}/ (an adapter "

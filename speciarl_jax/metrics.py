@@ -281,3 +281,22 @@ def select(per_image: Iterable[Sequence[str]], mode: str) -> list[str]:
     if mode == "best":
         return [best_of_n(samples)[0] for samples in per_image]
     raise ValueError(f"selection mode must be 'first' or 'best', got {mode!r}")
+
+
+def batch_report(categories: Sequence[str], prefix: str = "") -> dict[str, float]:
+    """Category shares and the headline metrics of a list of verdicts, as flat log keys (training's logs)."""
+    record = summarize(categories, bootstrap=0).to_dict()
+    out = {f"{prefix}{k}": record[k] for k in HEADLINE}
+    out.update({f"{prefix}share/{k[6:]}": v for k, v in record.items() if k.startswith("share/")})
+    return out
+
+
+def before_after_table(before: Mapping[str, float], after: Mapping[str, float], prefix: str = "eval/") -> str:
+    """A Markdown table of the held-out category shares and headline metrics before and after training."""
+    keys = sorted(k[len(prefix):] for k in after if k.startswith(prefix + "share/"))
+    keys += list(HEADLINE)
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for key in keys:
+        b, a = before.get(prefix + key, float("nan")), after.get(prefix + key, float("nan"))
+        lines.append(f"| {key} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+    return "\n".join(lines)

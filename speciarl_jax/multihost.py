@@ -35,6 +35,14 @@ def _allgather(array: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(array), tiled=False))
 
 
+def sync(name: str) -> None:
+    """Wait until every process reaches the point called `name` (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def allgather_json(value: Any) -> list[Any]:
     """A JSON-able value from every process, in process order."""
     if jax.process_count() == 1:

@@ -73,42 +73,32 @@ class TrainedModel:
         return f"{self.name} {what}"
 
 
-def _training_config(path: str) -> dict | None:
-    """The training config in `path` (a run folder's config.json), or None if it holds none."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return config if isinstance(config, dict) and "rl" in config and "data" in config else None
-
-
 def find(path: str) -> TrainedModel | None:
     """The trained model `path` names: a run folder (its latest finished checkpoint, else its SFT model), a
     checkpoints folder or one step of it, or a run's `sft_model` / `tiny_model`. None when `path` is not part
     of a training run."""
-    from speciarl_jax import export
+    from speciarl_jax.checkpoint import RunFolder, locate_step, read_meta
 
     if not path:
         return None
     path = os.path.abspath(path)
-    located = export.training_step(path)
-    if located is None and _training_config(path) is not None:  # a run folder
-        located = export.training_step(os.path.join(path, "checkpoints"))
+    run = RunFolder(path)
+    located = locate_step(path)
+    if located is None and run.training_config() is not None:  # a run folder
+        located = locate_step(run.checkpoints)
         if located is None:
-            sft = os.path.join(path, "sft_model")
-            if os.path.exists(os.path.join(sft, "config.json")):
-                return TrainedModel(path, _training_config(path), model_path=sft)
+            if run.has_sft_model():
+                return TrainedModel(path, run.training_config(), model_path=run.sft_model)
             raise FileNotFoundError(f"the run {path} has no finished checkpoint and no SFT model yet")
     if located is not None:
         directory, step = located
-        checkpoint = os.path.join(directory, str(step))
-        config = export.training_meta(checkpoint).get("config") or _training_config(os.path.dirname(directory))
-        return TrainedModel(os.path.dirname(directory), config or {}, checkpoint=checkpoint, step=step)
-    parent = os.path.dirname(path)
-    config = _training_config(parent)
+        step_folder = os.path.join(directory, str(step))
+        config = read_meta(step_folder).get("config") or RunFolder(os.path.dirname(directory)).training_config()
+        return TrainedModel(os.path.dirname(directory), config or {}, checkpoint=step_folder, step=step)
+    parent = RunFolder(os.path.dirname(path))
+    config = parent.training_config()
     if config is not None and os.path.exists(os.path.join(path, "config.json")):
-        return TrainedModel(parent, config, model_path=path)
+        return TrainedModel(parent.path, config, model_path=path)
     return None
 
 
@@ -252,9 +242,9 @@ def _locate(config) -> TrainedModel | None:
         config.model.path = trained.model_path or ""
         return trained
     if config.model.adapter:
-        from speciarl_jax import export
+        from speciarl_jax import checkpoint
 
-        return find(config.model.adapter) if export.training_step(config.model.adapter) else None
+        return find(config.model.adapter) if checkpoint.locate_step(config.model.adapter) else None
     trained = find(config.model.path) if config.model.path else None
     if trained is not None and trained.checkpoint:  # a run folder or checkpoint given as the model folder
         config.model.path, config.model.adapter = "", trained.checkpoint

@@ -21,7 +21,6 @@ from flax import nnx
 from tqdm import tqdm
 
 from .data.config import pipeline_from_config
-from .data.synthetic import source_taxonomy
 from . import multihost
 from .models import lora
 from .rl.batch import make_rollout_batch
@@ -100,45 +99,40 @@ def sft_filter(lora_config: lora.LoRAConfig, train_vision: bool):
     return nnx.Any(base, nnx.All(nnx.Param, lambda path, _: path[0] == "visual"))
 
 
-def run_sft(trainer, should_stop=None) -> dict[str, float]:
-    """Fine-tune `trainer.model` in place for `config.sft.steps` steps; returns the last metrics.
+def run_sft(model, processor, data: dict, *, steps: int, learning_rate: float, warmup_steps: int, levels, think: str,
+            train_vision: bool, taxonomy: Taxonomy | None, lora_config: lora.LoRAConfig, logprob_chunk: int,
+            seed: int, should_stop=None, progress: bool = True) -> dict[str, float]:
+    """Fine-tune `model` in place for `steps` steps on the images `data` names (a `pipeline_from_config`
+    config, this process's share of each batch); returns the last metrics.
 
-    `should_stop()` is asked at every step (by every process together) and returns a `stopping.Decision`;
-    SFT is not checkpointed, so a stop there means the resumed run starts SFT again.
+    Targets name each label or, at `levels`, its ancestors in `taxonomy`. `should_stop()` is asked at every
+    step (by every process together) and returns a `stopping.Decision`; SFT is not checkpointed, so a stop
+    there means the resumed run starts SFT again.
     """
-    config = trainer.config
-    cfg = config.sft
-    taxonomy = source_taxonomy(config.data.source.to_dict())
-    if taxonomy is None and config.verifier.taxonomy_path:
-        taxonomy = Taxonomy.from_json(config.verifier.taxonomy_path)
-    targets = TargetWriter(cfg.levels, taxonomy, cfg.think, seed=config.seed)
-    data_cfg = dict(trainer.train_data_cfg, batch_size=cfg.batch_size // jax.process_count(), num_epochs=None,
-                    seed=config.seed + 1)
-    pipeline = pipeline_from_config(data_cfg, trainer.processor)
-
-    model = trainer.model
-    graphdef, params, frozen = nnx.split(model, sft_filter(trainer.lora_config, cfg.train_vision), ...)
+    targets = TargetWriter(levels, taxonomy, think, seed=seed)
+    pipeline = pipeline_from_config(data, processor)
+    graphdef, params, frozen = nnx.split(model, sft_filter(lora_config, train_vision), ...)
     # Warm up, then anneal to zero: the last steps at a small rate settle what the noisy middle learned.
-    warmup = max(0, min(cfg.warmup_steps, cfg.steps - 1))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1))
+    warmup = max(0, min(warmup_steps, steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     opt_state = tx.init(params)
-    step_fn = make_sft_step(graphdef, tx, trainer.rl_config.logprob_chunk)
+    step_fn = make_sft_step(graphdef, tx, logprob_chunk)
     metrics = {}
-    bar = tqdm(total=cfg.steps, desc="sft", disable=not trainer.is_main, dynamic_ncols=True)
-    for step, local in zip(range(cfg.steps), pipeline):
-        batch = multihost.gather_batch(local, trainer.processor.pad_token_id)
+    bar = tqdm(total=steps, desc="sft", disable=not progress, dynamic_ncols=True)
+    for step, local in zip(range(steps), pipeline):
+        batch = multihost.gather_batch(local, processor.pad_token_id)
         decision = should_stop() if should_stop is not None else None
         if decision is not None and decision.stop:
             raise TrainingInterrupted(f"Stopped by {decision.cause()} during SFT (step {step}); SFT is not "
                                       "checkpointed, so a resumed run starts it again.")
-        tokens, mask = tokenize_targets(trainer.processor, [targets(label) for label in batch.labels])
+        tokens, mask = tokenize_targets(processor, [targets(label) for label in batch.labels])
         grids = tuple(tuple(int(v) for v in g) for g in batch.image_grid_thw)
         # The features are computed inside the step; the rollout batch only needs a table of the right length.
         tokens_per_image = np.prod(batch.image_grid_thw, axis=1) // model.config.vision.spatial_merge_size**2
         placeholder = np.zeros((int(tokens_per_image.sum()), 1), np.float32)
         rows = make_rollout_batch(model.config, batch.model_inputs(), tokens, mask, np.zeros(len(tokens), np.float32),
-                                  num_samples=1, image_features=placeholder, pad_token_id=trainer.processor.pad_token_id)
+                                  num_samples=1, image_features=placeholder, pad_token_id=processor.pad_token_id)
         params, opt_state, loss, grad_norm = step_fn(params, opt_state, frozen, rows, batch.pixel_values, grids)
         nnx.update(model, params)
         metrics = {"loss": float(loss), "grad_norm": float(grad_norm), "step": step + 1}

@@ -50,10 +50,9 @@ def exit_if_processes_were_lost(err: BaseException, config) -> None:
     lost = multihost.lost_processes(config.heartbeat_timeout_s + 10)
     if not lost:
         return
-    from .checkpoint import finished_steps
-    from .trainer import run_dir_of
+    from .checkpoint import RunFolder, finished_steps
 
-    folder = os.path.join(run_dir_of(config), "checkpoints")
+    folder = RunFolder.of(config).checkpoints
     steps = finished_steps(folder)
     print(f"process {me}: lost process(es) {lost} of {jax.process_count()}: they stopped sending heartbeats "
           f"(died, were killed or preempted). The last finished checkpoint in {folder} is "
@@ -64,11 +63,12 @@ def exit_if_processes_were_lost(err: BaseException, config) -> None:
 
 def describe(config) -> str:
     """What the run will do, in one line, printed before anything loads."""
-    from .trainer import generation_batch_size, run_dir_of
+    from .checkpoint import RunFolder
+    from .training_config import generation_batch_size
 
     model = "a tiny random Qwen2.5-VL" if config.model.tiny else (config.model.path or "no model (set model.path)")
     length = f"{config.steps} steps" if config.steps else f"{config.epochs} epochs"
-    parts = [f"Run {config.name!r} in {run_dir_of(config)}: {model}"]
+    parts = [f"Run {config.name!r} in {RunFolder.of(config).path}: {model}"]
     if config.sft.enabled:
         parts.append(f"SFT for {config.sft.steps} steps")
     if config.steps or config.epochs:
@@ -89,7 +89,8 @@ def main(argv) -> None:
     maybe_initialize_distributed(config.heartbeat_timeout_s)
     import jax
 
-    from .trainer import Trainer, TrainingInterrupted, before_after_table
+    from .metrics import before_after_table
+    from .trainer import Trainer, TrainingInterrupted
 
     if jax.process_index() == 0:
         print(describe(config), flush=True)

@@ -25,206 +25,37 @@ import json
 import os
 import shutil
 import time
-from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from . import buckets, checkpoint, compilation, multihost, parallel, plan
-from .checkpoint import Checkpointer
+from . import buckets, compilation, multihost, parallel, plan
+from .answering import ask
+from .checkpoint import Checkpointer, RunFolder
 from .data.config import pipeline_from_config
-from .data.synthetic import source_taxonomy
 from .metric_writers import MetricWriter, summary_line
-from .metrics import HEADLINE, summarize
+from .metrics import batch_report
 from .models import lora
-from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained, set_attention_implementation
-from .models.qwen2_5_vl.layers import ATTENTION_IMPLEMENTATIONS
-from .tiny_model import TinySpec, make_tiny_checkpoint
+from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained, save_pretrained, set_attention_implementation
 from .processing import Processor
-from .rewards import (best_prediction_rewards, inject_label_noise, parse_answer, static_rewards)
 from .rl import dapo
 from .rl.advantages import group_advantages
-from .rl.batch import image_token_counts, make_rollout_batch, prompt_image_offsets, table_rows
-from .rl.update import Learner, RLConfig, preset
-from .sampling import ENGINES, make_sampler
+from .rl.batch import make_rollout_batch
+from .rl.rollouts import RolloutMaker, Rollouts, merge_rollouts, select_groups
+from .rl.update import Learner
+from .sampling import make_sampler
+from .sft import run_sft
 from .stopping import StopFlags, TrainingInterrupted
-from .verifier import VerifierError, make_verifier
-
-# RLConfig fields where the config's 0 stands for None (ml_collections cannot type a None default).
-_ZERO_IS_NONE = ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "total_steps",
-                 "micro_batch_tokens")
-
-
-# ---- building blocks from the config ----
-
-def run_dir_of(config) -> str:
-    return config.run_dir or os.path.join("runs", config.name)
-
-
-def rl_config_of(config, total_steps: int) -> RLConfig:
-    overrides = {k: v for k, v in config.rl.to_dict().items() if k != "algorithm"}
-    for key in _ZERO_IS_NONE:
-        if overrides.get(key) == 0:
-            overrides[key] = None
-    if overrides.get("lr_schedule", "constant") != "constant" and not overrides.get("total_steps"):
-        overrides["total_steps"] = total_steps
-    return preset(config.rl.algorithm, **overrides)
-
-
-def lora_config_of(config) -> lora.LoRAConfig:
-    return lora.LoRAConfig(**config.lora.to_dict())
-
-
-def data_config(section, *, extra: dict | None = None) -> dict:
-    """A data section as `pipeline_from_config` wants it: empty / zero image settings dropped."""
-    cfg = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-    for key in ("min_pixels", "max_pixels"):
-        if not cfg.get(key):
-            cfg.pop(key, None)
-    if "image_size" in cfg and not all(cfg["image_size"]):
-        cfg.pop("image_size")
-    if not cfg["source"].get("data_dir", True):
-        cfg["source"] = {k: v for k, v in cfg["source"].items() if k != "data_dir"}
-    cfg.update(extra or {})
-    return cfg
-
-
-def processor_settings(data_cfg: dict) -> dict:
-    settings = {k: data_cfg[k] for k in ("min_pixels", "max_pixels") if data_cfg.get(k)}
-    if data_cfg.get("image_size"):
-        settings["image_size"] = tuple(data_cfg["image_size"])
-    return settings
-
-
-def build_verifier(config):
-    taxonomy = None
-    if config.verifier.kind == "rule" and not config.verifier.taxonomy_path:
-        taxonomy = source_taxonomy(config.data.source.to_dict())
-        if taxonomy is None:
-            raise ValueError("verifier.kind='rule' needs verifier.taxonomy_path unless the data is the synthetic world.")
-    return make_verifier(config.verifier, taxonomy=taxonomy)
-
-
-def prepare_model_dir(config, run_dir: str) -> str:
-    if config.model.tiny:
-        folder = os.path.join(run_dir, "tiny_model")
-        if jax.process_index() == 0 and not os.path.exists(os.path.join(folder, "config.json")):
-            make_tiny_checkpoint(folder, TinySpec(**config.model.tiny_spec.to_dict()), seed=config.seed)
-        _sync_processes("tiny_model")
-        return folder
-    if not config.model.path:
-        raise ValueError("config.model.path is empty: give a local Hugging Face Qwen2.5-VL folder (or model.tiny=True).")
-    return config.model.path
-
-
-def _sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def validate(config, process_count: int = 1) -> None:
-    """Config errors that would otherwise surface after minutes of compilation."""
-    problems = []
-    for name, size in (("data.batch_size", config.data.batch_size), ("eval.batch_size", config.eval.batch_size),
-                       ("sft.batch_size", config.sft.batch_size)):
-        if size % process_count:
-            problems.append(f"{name} {size} must be a multiple of the {process_count} processes (each reads an "
-                            "equal share of every batch)")
-    if config.rollout.num_samples < 1:
-        problems.append(f"rollout.num_samples must be >= 1, got {config.rollout.num_samples}")
-    if config.rollout.get("engine", "continuous") not in ENGINES:
-        problems.append(f"rollout.engine must be one of {ENGINES}, got {config.rollout.engine!r}")
-    for key in ("slots", "chunk_steps"):
-        if config.rollout.get(key, 1) < 1:
-            problems.append(f"rollout.{key} must be >= 1, got {config.rollout[key]}")
-    if config.data.batch_size < 1:
-        problems.append(f"data.batch_size must be >= 1, got {config.data.batch_size}")
-    generation = generation_batch_size(config)
-    if generation < config.data.batch_size:
-        problems.append(f"data.generation_batch_size {generation} must be at least data.batch_size "
-                        f"{config.data.batch_size} (0: the same)")
-    if generation % process_count:
-        problems.append(f"data.generation_batch_size {generation} must be a multiple of the {process_count} processes")
-    rows = config.data.batch_size * config.rollout.num_samples
-    mini = config.rl.get("mini_batch_size", 0) or rows
-    if rows % mini:
-        problems.append(f"rl.mini_batch_size {mini} does not divide the {rows} rollouts of a step "
-                        f"(data.batch_size {config.data.batch_size} x rollout.num_samples {config.rollout.num_samples})")
-    micro = config.rl.get("micro_batch_size", 0) or mini
-    if mini % micro:
-        problems.append(f"rl.micro_batch_size {micro} does not divide rl.mini_batch_size {mini}")
-    if config.reward.kind not in ("speciarl", "static"):
-        problems.append(f"reward.kind must be 'speciarl' or 'static', got {config.reward.kind!r}")
-    if not 0 <= config.reward.noise <= 1:
-        problems.append(f"reward.noise must be in [0, 1], got {config.reward.noise}")
-    try:
-        rl = rl_config_of(config, total_steps=1)
-    except ValueError as err:
-        problems.append(f"rl: {err}")
-    else:
-        if generation > config.data.batch_size and not rl.dynamic_sampling:
-            problems.append(f"data.generation_batch_size {generation} differs from data.batch_size "
-                            f"{config.data.batch_size}; only dynamic sampling (rl.dynamic_sampling) draws larger "
-                            "generation batches")
-        if rl.overlong_buffer and rl.overlong_buffer >= config.rollout.max_new_tokens:
-            problems.append(f"rl.overlong_buffer {rl.overlong_buffer} must be below rollout.max_new_tokens "
-                            f"{config.rollout.max_new_tokens} (DAPO shapes rewards over the last buffer tokens)")
-    if config.model.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
-        problems.append(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {config.model.attention!r}")
-    if config.checkpoint_every < 1:
-        problems.append(f"checkpoint_every must be >= 1 (steps), got {config.checkpoint_every}")
-    if config.checkpoint_every_seconds < 0:
-        problems.append(f"checkpoint_every_seconds must be >= 0 (0: off), got {config.checkpoint_every_seconds}")
-    if config.sft.enabled and abs(sum(config.sft.levels) - 1) > 1e-6:
-        problems.append(f"sft.levels must sum to 1, got {list(config.sft.levels)}")
-    if problems:
-        raise ValueError("Invalid config: " + "; ".join(problems))
+from .training_config import (build_verifier, data_settings, eval_decoding, generation_batch_size, lora_settings,
+                              prepare_model, processor_settings, reward_function, rl_settings, rollout_decoding,
+                              taxonomy, validate)
+from .verifier import VerifierError
 
 
 class DataUsedUp(Exception):
     """The configured epochs of training data have all been drawn."""
-
-
-def generation_batch_size(config) -> int:
-    """Prompts per generation batch: data.generation_batch_size, or (0) data.batch_size."""
-    return config.data.get("generation_batch_size", 0) or config.data.batch_size
-
-
-def score(categories, group_ids, reward_cfg, rng: np.random.Generator) -> np.ndarray:
-    """One scalar reward per rollout from the verdicts of whole groups."""
-    if reward_cfg.noise > 0:
-        categories = inject_label_noise(categories, reward_cfg.noise, rng)
-    if reward_cfg.kind == "speciarl":
-        return best_prediction_rewards(categories, group_ids, mode=reward_cfg.mode)
-    return static_rewards(categories, reward_cfg.table)
-
-
-def batch_report(categories, prefix: str = "") -> dict[str, float]:
-    """Category shares and C / S / HM of a list of verdicts."""
-    record = summarize(categories, bootstrap=0).to_dict()
-    out = {f"{prefix}{k}": record[k] for k in HEADLINE}
-    out.update({f"{prefix}share/{k[6:]}": v for k, v in record.items() if k.startswith("share/")})
-    return out
-
-
-@dataclasses.dataclass
-class Rollouts:
-    """One generation batch: prompts and their graded responses, rows prompt-major."""
-
-    prompts: Any  # data.pipeline.Batch
-    tokens: np.ndarray  # [N, L]
-    response_mask: np.ndarray  # [N, L]
-    lengths: np.ndarray  # [N]
-    image_features: Any
-    texts: list[str]
-    categories: list[str]
-    rewards: np.ndarray  # [N] what the advantages use: the reward, plus DAPO's overlong shaping
-    group_ids: np.ndarray  # [N]
-    scores: np.ndarray  # [N] the reward before the overlong shaping: what dynamic sampling filters groups on
 
 
 class Trainer:
@@ -236,30 +67,26 @@ class Trainer:
         compilation.enable_persistent_cache(config.get("compilation_cache_dir", ""))
         self.compiles = compilation.CompileCounter()
         self.high_water = buckets.HighWater()
-        self.run_dir = run_dir_of(config)
+        self.folder = RunFolder.of(config)
+        self.run_dir = self.folder.path
         os.makedirs(self.run_dir, exist_ok=True)
         multihost.check_shared_folder(self.run_dir)
         self.is_main = jax.process_index() == 0
         if not config.resume:  # starting over: an earlier attempt's checkpoints and logs are kept, set aside
-            moved = checkpoint.set_aside(self.run_dir) if self.is_main else None
+            moved = self.folder.set_aside() if self.is_main else None
             if moved:
                 logging.warning("config.resume='' starts over; the earlier attempt's checkpoints and logs are in %s",
                                 moved)
-            _sync_processes("set_aside")
+            multihost.sync("set_aside")
         self.mesh = parallel.make_mesh(**config.mesh.to_dict(), devices=devices)
 
-        self.model_dir = prepare_model_dir(config, self.run_dir)
+        self.model_dir = prepare_model(config, self.folder)
         # Refuse, before any weights load, a config whose rollout or update cannot fit the devices' memory.
         self.memory_plan = plan.check_fits(config, Qwen25VLConfig.from_json(self.model_dir),
                                            len(self.mesh.devices.flat), plan.device_memory_bytes(config))
+        self.processor = Processor.from_pretrained(self.model_dir, **processor_settings(config))
         # Each process reads its share of every batch; multihost.gather_batch puts the batch back together.
-        self.train_data_cfg = data_config(config.data, extra={
-            "num_epochs": None, "batch_size": generation_batch_size(config) // jax.process_count()})
-        self.train_data_cfg.pop("generation_batch_size", None)
-        self.processor = Processor.from_pretrained(self.model_dir, **processor_settings(self.train_data_cfg))
-        for key in ("min_pixels", "max_pixels", "image_size"):
-            self.train_data_cfg.pop(key, None)
-        self.pipeline = pipeline_from_config(self.train_data_cfg, self.processor)
+        self.pipeline = pipeline_from_config(data_settings(config, "rl"), self.processor)
         # As verl counts them: epochs over generation batches. Each update takes at least one, so without
         # `steps` the run ends when the epochs' generation batches are used up, even if fewer updates were made.
         self.generation_budget = None if config.steps else config.epochs * self.pipeline.batches_per_epoch
@@ -272,28 +99,31 @@ class Trainer:
                 "Lower data.batch_size (and rl.mini_batch_size with it), add images, or set steps.")
         self.generation_batches = 0
 
-        self.lora_config = lora_config_of(config)
-        self.rl_config = rl_config_of(config, self.total_steps)
-        self.sft_dir = os.path.join(self.run_dir, "sft_model")
-        self.sft_done = not config.sft.enabled or os.path.exists(os.path.join(self.sft_dir, "config.json"))
-        self.build_policy(self.sft_dir if config.sft.enabled and self.sft_done else self.model_dir)
+        self.lora_config = lora_settings(config)
+        self.rl_config = rl_settings(config, self.total_steps)
+        self.sft_done = not config.sft.enabled or self.folder.has_sft_model()
+        self.build_policy(self.folder.sft_model if config.sft.enabled and self.sft_done else self.model_dir)
         r = config.rollout
         self.sampler = make_sampler(r.get("engine", "continuous"), slots=r.get("slots", 256),
                                     chunk_steps=r.get("chunk_steps", 16), precompile=r.get("precompile", True),
                                     prompt_bucket=r.prompt_bucket, mesh=self.mesh)
         self.sampler.expect_images(self.processor.max_patches_per_image)
         self.verifier = build_verifier(config)
-        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=config.keep_checkpoints,
+        self.noise_rng = np.random.default_rng(config.reward.noise_seed)
+        rl = self.rl_config
+        self.make_rollouts = RolloutMaker(
+            self.sampler, self.processor, rollout_decoding(config), grade=self.grade,
+            reward=reward_function(config, self.noise_rng),
+            overlong=(rl.overlong_buffer, rl.overlong_factor) if rl.overlong_buffer else None)
+        self.checkpointer = Checkpointer(self.folder.checkpoints, keep=config.keep_checkpoints,
                                          async_save=config.async_checkpoints)
         self.stop_flags = StopFlags(config.checkpoint_every_seconds)
         self.writer = MetricWriter(self.run_dir, enabled=self.is_main)
         self.rng = jax.random.key(config.seed)
-        self.noise_rng = np.random.default_rng(config.reward.noise_seed)
         self.step = 0
         self.data_iter = None
         if self.is_main:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            self.folder.write_config(config)
 
     def build_policy(self, folder: str) -> None:
         """Load the policy from a Hugging Face folder, add adapters, and make a learner for it."""
@@ -305,23 +135,30 @@ class Trainer:
         self.learner = Learner(self.model, self.rl_config, trainable=lora.trainable_filter(self.lora_config),
                                mesh=self.mesh)
 
+    def grade(self, pairs, group_ids) -> list[str]:
+        """Verdicts for (label, answer) pairs; with several processes each asks the verifier about its share."""
+        return multihost.classify_split(self.verifier, pairs, group_ids)
+
     def warm_start(self) -> dict:
         """SFT, then save the result as a Hugging Face folder and start RL from it: the reference policy of the
         KL term is then the fine-tuned model, and a resumed run reloads it instead of repeating SFT."""
-        from .models.qwen2_5_vl import save_pretrained
-        from .sft import run_sft
-
-        metrics = run_sft(self, should_stop=self.stop_flags.agree)
+        s = self.config.sft
+        metrics = run_sft(
+            self.model, self.processor, data_settings(self.config, "sft"), steps=s.steps,
+            learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, levels=s.levels, think=s.think,
+            train_vision=s.train_vision, taxonomy=taxonomy(self.config), lora_config=self.lora_config,
+            logprob_chunk=self.rl_config.logprob_chunk, seed=self.config.seed, should_stop=self.stop_flags.agree,
+            progress=self.is_main)
         lora.merge_lora(self.model)
-        tmp = self.sft_dir + ".tmp"
+        tmp = self.folder.sft_model + ".tmp"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(self.model, tmp, copy_from=self.model_dir)  # every process gathers, process 0 writes
         if self.is_main:
-            os.replace(tmp, self.sft_dir)  # a folder with config.json means a finished SFT
-        _sync_processes("sft_model")
+            os.replace(tmp, self.folder.sft_model)  # a folder with config.json means a finished SFT
+        multihost.sync("sft_model")
         self.sft_done = True
-        self.build_policy(self.sft_dir)
+        self.build_policy(self.folder.sft_model)
         return metrics
 
     # ---- checkpoints ----
@@ -378,30 +215,7 @@ class Trainer:
     # ---- one RL step ----
 
     def generate_and_grade(self, prompts, rng, timings) -> Rollouts:
-        cfg = self.config.rollout
-        start = time.perf_counter()
-        inputs = prompts.model_inputs()
-        out = self.sampler.generate(
-            self.model, **inputs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k, num_samples=cfg.num_samples,
-            eos_token_ids=self.processor.eos_token_ids, rng=rng, pad_token_id=self.processor.pad_token_id,
-        )
-        timings["generate"] += time.perf_counter() - start
-        start = time.perf_counter()
-        texts = self.processor.decode_responses(out.tokens, out.lengths)
-        labels = np.repeat(np.asarray(prompts.labels, object), cfg.num_samples)
-        group_ids = np.repeat(np.arange(len(prompts.labels)), cfg.num_samples)
-        pairs = [(label, parse_answer(t)) for label, t in zip(labels, texts)]
-        categories = multihost.classify_split(self.verifier, pairs, group_ids)
-        scores = score(categories, group_ids, self.config.reward, self.noise_rng)
-        rewards = scores
-        if self.rl_config.overlong_buffer:
-            rewards = rewards + dapo.overlong_penalty(out.lengths, max_len=cfg.max_new_tokens,
-                                                      buffer=self.rl_config.overlong_buffer,
-                                                      factor=self.rl_config.overlong_factor)
-        timings["verify"] += time.perf_counter() - start
-        return Rollouts(prompts, out.tokens, out.response_mask, out.lengths, out.image_features, texts,
-                        list(categories), np.asarray(rewards, np.float32), group_ids, np.asarray(scores, np.float32))
+        return self.make_rollouts(self.model, prompts, rng, timings)
 
     def next_prompts(self):
         """The next global batch of prompts (gathered from every process's share), left-padded to the widest
@@ -421,26 +235,12 @@ class Trainer:
         gather data.batch_size groups whose rewards differ."""
         if not self.rl_config.dynamic_sampling:
             return [self.generate_and_grade(self.next_prompts(), rng, timings)], {}
-        wanted = self.config.data.batch_size
-        kept, generated, dropped = [], 0, 0
-        for call in range(self.rl_config.max_generation_batches):
-            batch = self.generate_and_grade(self.next_prompts(), jax.random.fold_in(rng, call), timings)
-            # On the raw reward, as verl filters: the overlong shaping alone does not make a group informative.
-            informative = dapo.informative_groups(batch.scores, batch.group_ids)
-            groups = [g for g in range(len(batch.prompts.labels)) if informative[g * self.config.rollout.num_samples]]
-            generated += len(batch.prompts.labels)
-            dropped += len(batch.prompts.labels) - len(groups)
-            room = wanted - sum(len(k.prompts.labels) for k in kept)
-            if groups[:room]:
-                kept.append(select_groups(batch, groups[:room], self.config.rollout.num_samples,
-                                          self.model.config.image_token_id))
-            if sum(len(k.prompts.labels) for k in kept) == wanted:
-                return kept, {"dapo/generation_batches": call + 1, "dapo/dropped_groups": dropped,
-                              "dapo/generated_groups": generated}
-        raise dapo.DynamicSamplingError(
-            f"Dynamic sampling gathered {sum(len(k.prompts.labels) for k in kept)} of {wanted} groups with differing "
-            f"rewards in {self.rl_config.max_generation_batches} generation batches ({dropped} of {generated} groups "
-            "had identical rewards). Raise rl.max_generation_batches, lower data.batch_size, or check the reward.")
+        samples, image_token = self.config.rollout.num_samples, self.model.config.image_token_id
+        return dapo.collect_informative(
+            lambda call: self.generate_and_grade(self.next_prompts(), jax.random.fold_in(rng, call), timings),
+            self.config.data.batch_size, num_samples=samples,
+            max_generation_batches=self.rl_config.max_generation_batches,
+            select=lambda batch, groups: select_groups(batch, groups, samples, image_token))
 
     def update(self, rollouts: Rollouts, timings) -> dict:
         start = time.perf_counter()
@@ -478,28 +278,14 @@ class Trainer:
     # ---- evaluation ----
 
     def evaluate(self, prefix: str = "eval/") -> dict:
-        cfg = self.config.eval
-        if not cfg.enabled:
+        """Greedy answers to the held-out set, graded: category shares and C / S / HM under `prefix`."""
+        if not self.config.eval.enabled:
             return {}
-        eval_cfg = data_config(cfg, extra={"num_epochs": 1, "shuffle": False, "remainder": "pad",
-                                           "batch_size": cfg.batch_size // jax.process_count(),
-                                           "prompt": self.config.data.prompt,
-                                           "system_prompt": self.config.data.system_prompt,
-                                           "pad_to_multiple_of": self.config.data.pad_to_multiple_of})
-        for key in ("enabled", "num_examples", "max_new_tokens"):
-            eval_cfg.pop(key, None)
-        if cfg.num_examples:
-            eval_cfg["source"]["num_examples"] = cfg.num_examples
-        categories = []
-        for batch in pipeline_from_config(eval_cfg, self.processor):
+        decoding, categories = eval_decoding(self.config), []
+        for batch in pipeline_from_config(data_settings(self.config, "eval"), self.processor):
             batch = multihost.gather_batch(batch, self.processor.pad_token_id)
-            out = self.sampler.generate(
-                self.model, **batch.model_inputs(), max_new_tokens=cfg.max_new_tokens or self.config.rollout.max_new_tokens,
-                temperature=0.0, eos_token_ids=self.processor.eos_token_ids, pad_token_id=self.processor.pad_token_id,
-            )
-            texts = self.processor.decode_responses(out.tokens, out.lengths)
-            pairs = [(label, parse_answer(t)) for label, t in zip(batch.labels, texts)]
-            verdicts = multihost.classify_split(self.verifier, pairs, np.arange(len(pairs)))
+            answers = ask(self.sampler, self.model, self.processor, batch.model_inputs(), decoding)
+            verdicts = self.grade(answers.pairs(batch.labels), answers.group_ids)
             categories += [v for v, ok in zip(verdicts, batch.valid) if ok]
         return batch_report(categories, prefix)
 
@@ -572,67 +358,3 @@ class Trainer:
             self.save()
             self.checkpointer.wait()
         return {"train": last, "eval_before": before, "eval_after": after}
-
-
-def merge_rollouts(pieces: list[Rollouts], pad_token_id: int, image_token_id: int) -> Rollouts:
-    """One batch from several generation batches (dynamic sampling): prompts re-padded on the left to the
-    widest, groups renumbered in order, image tables joined (one bucketed table)."""
-    if len(pieces) == 1:
-        return pieces[0]
-    width = max(p.prompts.input_ids.shape[1] for p in pieces)
-    left = lambda a, value: np.pad(a, ((0, 0), (width - a.shape[1], 0)), constant_values=value)  # noqa: E731
-    first = pieces[0].prompts
-    prompts = dataclasses.replace(
-        first,
-        input_ids=np.concatenate([left(p.prompts.input_ids, pad_token_id) for p in pieces]),
-        attention_mask=np.concatenate([left(p.prompts.attention_mask, 0) for p in pieces]),
-        pixel_values=np.concatenate([p.prompts.pixel_values for p in pieces]),
-        image_grid_thw=np.concatenate([p.prompts.image_grid_thw for p in pieces]),
-        labels=[label for p in pieces for label in p.prompts.labels],
-        sample_ids=[i for p in pieces for i in p.prompts.sample_ids],
-        valid=np.concatenate([p.prompts.valid for p in pieces]),
-    )
-    features = None
-    if pieces[0].image_features is not None:  # each table's image rows, in order, without their padding
-        starts = np.cumsum([0] + [len(p.image_features) for p in pieces[:-1]])
-        used = [image_token_counts(p.prompts.input_ids, image_token_id).sum() for p in pieces]
-        features = table_rows([p.image_features for p in pieces],
-                              np.concatenate([s + np.arange(n) for s, n in zip(starts, used)]))
-    offsets = np.cumsum([0] + [len(p.prompts.labels) for p in pieces[:-1]])
-    return Rollouts(
-        prompts,
-        np.concatenate([p.tokens for p in pieces]),
-        np.concatenate([p.response_mask for p in pieces]),
-        np.concatenate([p.lengths for p in pieces]),
-        features,
-        [t for p in pieces for t in p.texts],
-        [c for p in pieces for c in p.categories],
-        np.concatenate([p.rewards for p in pieces]),
-        np.concatenate([p.group_ids + o for p, o in zip(pieces, offsets)]),
-        np.concatenate([p.scores for p in pieces]),
-    )
-
-
-def select_groups(batch: Rollouts, groups: list[int], num_samples: int, image_token_id: int) -> Rollouts:
-    """The rollouts of the chosen prompt groups (DAPO's dynamic sampling), renumbered from 0."""
-    rows = np.concatenate([np.arange(g * num_samples, (g + 1) * num_samples) for g in groups])
-    prompts = batch.prompts.select(groups)
-    features = None
-    if batch.image_features is not None:
-        starts = prompt_image_offsets(batch.prompts.input_ids, image_token_id)
-        counts = image_token_counts(batch.prompts.input_ids, image_token_id)
-        features = table_rows(batch.image_features, np.concatenate([starts[g] + np.arange(counts[g]) for g in groups]))
-    return Rollouts(prompts, batch.tokens[rows], batch.response_mask[rows], batch.lengths[rows], features,
-                    [batch.texts[r] for r in rows], [batch.categories[r] for r in rows], batch.rewards[rows],
-                    np.repeat(np.arange(len(groups)), num_samples), batch.scores[rows])
-
-
-def before_after_table(before: dict, after: dict, prefix: str = "eval/") -> str:
-    """A Markdown table of the held-out category shares and C / S / HM before and after training."""
-    keys = sorted(k[len(prefix):] for k in after if k.startswith(prefix + "share/"))
-    keys += list(HEADLINE)
-    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
-    for key in keys:
-        b, a = before.get(prefix + key, float("nan")), after.get(prefix + key, float("nan"))
-        lines.append(f"| {key} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
-    return "\n".join(lines)

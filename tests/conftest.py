@@ -47,8 +47,8 @@ def warm_model(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("warm")
     trainer = make_trainer(small_config(run_dir, steps=0, epochs=0))  # SFT only
     trainer.run()
-    assert os.path.exists(os.path.join(trainer.sft_dir, "config.json"))
-    return trainer.sft_dir
+    assert os.path.exists(os.path.join(trainer.folder.sft_model, "config.json"))
+    return trainer.folder.sft_model
 
 
 def load_reference(path):

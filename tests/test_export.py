@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import load_reference
-from speciarl_jax import export
+from speciarl_jax import checkpoint, export
 from speciarl_jax.models import lora
 from speciarl_jax.models.qwen2_5_vl import from_pretrained
 
@@ -191,9 +191,9 @@ def test_training_checkpoint_loads_and_exports(tiny_checkpoint, tmp_path):
     save_training_checkpoint(model, run, 3, tiny_checkpoint, {"rank": 4, "alpha": 8.0})
     perturbed = adapted_model(tiny_checkpoint, config=lora.LoRAConfig(rank=4, alpha=8.0), seed=14)
     save_training_checkpoint(perturbed, run, 7, tiny_checkpoint, {"rank": 4, "alpha": 8.0})
-    assert export.training_step(run / "checkpoints") == (str(run / "checkpoints"), 7)  # the latest step
-    assert export.training_step(run / "checkpoints" / "3") == (str(run / "checkpoints"), 3)
-    assert export.training_step(tmp_path) is None
+    assert checkpoint.locate_step(run / "checkpoints") == (str(run / "checkpoints"), 7)  # the latest step
+    assert checkpoint.locate_step(run / "checkpoints" / "3") == (str(run / "checkpoints"), 3)
+    assert checkpoint.locate_step(tmp_path) is None
     assert export.training_base_model(run / "checkpoints" / "3") == str(tiny_checkpoint)
     fresh = from_pretrained(tiny_checkpoint)
     assert len(export.load_adapter(fresh, run / "checkpoints" / "3")) == 14

@@ -104,15 +104,46 @@ def test_entry_points_are_strict_and_executable(script):
     assert os.access(script, os.X_OK)
 
 
+OPTION_ARM = re.compile(r"^\s+(--[a-z][a-z0-9-]*)\)", re.M)  # a case arm that parses an option
+LIB = LAUNCH / "_lib.sh"
+SHARED_OPTIONS = set(OPTION_ARM.findall(LIB.read_text()))  # parse_vm_options: both VM scripts take these
+VM_SCRIPTS = [LAUNCH / "tpu_vm.sh", LAUNCH / "gpu_vm.sh"]
+
+
+def accepted_options(script: Path) -> set[str]:
+    """The options a script parses: its own case arms, plus the shared ones when it calls parse_vm_options."""
+    text = script.read_text()
+    own = set(OPTION_ARM.findall(text))
+    return own | SHARED_OPTIONS if "parse_vm_options" in text else own
+
+
 @pytest.mark.parametrize("script", ENTRY_POINTS, ids=lambda p: p.name)
 def test_usage_lists_every_option(script):
     """Every option the parser accepts appears in --help."""
-    accepted = set(re.findall(r"^\s+(--[a-z][a-z0-9-]*)\)", script.read_text(), re.M))
+    accepted = accepted_options(script)
     assert len(accepted) > 8
     usage = run(script, "--help")
     assert usage.returncode == 0
     missing = sorted(o for o in accepted if not re.search(re.escape(o) + r"\b", usage.stdout))
     assert not missing, f"{script.name} --help does not mention {missing}"
+
+
+def _functions(path: Path) -> set[str]:
+    return set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)\(\)", path.read_text(), re.M))
+
+
+def test_each_option_and_helper_is_defined_once():
+    """The VM scripts leave the shared options to _lib.sh, and no script re-defines a helper of _lib.sh."""
+    assert len(SHARED_OPTIONS) > 15
+    for script in VM_SCRIPTS:
+        assert "parse_vm_options" in script.read_text() and "dispatch" in script.read_text()
+        own = set(OPTION_ARM.findall(script.read_text()))
+        assert not own & SHARED_OPTIONS, f"{script.name} parses {sorted(own & SHARED_OPTIONS)} again"
+    lib = _functions(LIB)
+    assert {"die", "note", "need_value", "check_int", "q", "qall", "parse_vm_options", "dispatch"} <= lib
+    for script in ENTRY_POINTS:
+        assert "_lib.sh" in script.read_text()
+        assert not _functions(script) & lib, f"{script.name} re-defines {sorted(_functions(script) & lib)}"
 
 
 # ---- errors name the option ----
@@ -295,6 +326,110 @@ def test_gpu_dry_run_verifier():
     assert ("bash launch/verifier.sh serve --vllm .venv-vllm/bin/vllm --port 8000 --api-key-env MY_VKEY "
             "--tensor-parallel-size 2") in stdin
     assert "bash launch/verifier.sh wait --url http://127.0.0.1:8000" in stdin
+
+
+# ---- options shared by the two VM scripts ----
+
+# Each shared option (parsed once, by parse_vm_options in _lib.sh): the subcommand that shows it, the words to
+# add, and what must then appear in the dry run (the commands and their stdin scripts) of both scripts and not
+# without the words. A dict gives the text per script where the two gcloud commands differ by design.
+SHARED_OPTION_CASES = [
+    (("--name",), "status", ["--name", "vm-two"], " vm-two "),
+    (("--zone",), "status", ["--zone=europe-west4-b"], "--zone=europe-west4-b"),
+    (("--project",), "delete", ["--project", "proj-2"], "--project=proj-2"),
+    (("--spot",), "create", ["--spot"], {"tpu_vm.sh": "--version=v2-alpha-tpuv5 --spot",
+                                         "gpu_vm.sh": "--provisioning-model=SPOT"}),
+    (("--create-flag",), "create", ["--create-flag", "--network=net-1", "--create-flag=--tags=a"],
+     "--network=net-1 --tags=a"),
+    (("--source", "--repo", "--ref"), "copy", ["--source", "git", "--repo", "https://example.org/r.git",
+                                               "--ref", "v9"],
+     "git clone --quiet https://example.org/r.git speciarl_jax; fi; git -C speciarl_jax fetch --quiet origin v9"),
+    (("--remote-dir",), "copy", ["--remote-dir", "work/sp"], "mkdir -p work/sp && tar -xzf"),
+    (("--remote-dir",), "train", ["--remote-dir", "work/sp"], "cd work/sp\nmkdir -p launch_logs"),
+    (("--remote-dir",), "stop", ["--remote-dir", "work/sp"], "--command=cd work/sp && pidfile="),
+    (("--python-version",), "setup", ["--python-version", "3.11"], "uv venv --seed --python 3.11 .venv"),
+    (("--config",), "train", ["--config", "configs/x.py"], "speciarl_jax.train --config=configs/x.py"),
+    (("--secret-env",), "train", ["--secret-env", "MY_TOKEN"], "export MY_TOKEN='****'"),
+    (("--env",), "train", ["--env", "FOO=bar baz"], "export FOO='bar baz'"),
+    (("--wait-verifier", "--verifier-key-env", "--verifier-timeout", "--verifier-model"), "train",
+     ["--wait-verifier", "http://10.0.0.9:8000/v1", "--verifier-key-env", "VKEY", "--verifier-timeout", "60",
+      "--verifier-model", "org/model"],
+     "bash launch/verifier.sh wait --url http://10.0.0.9:8000/v1 --timeout 60 --api-key-env VKEY "
+     "--served-model-name org/model && exec .venv/bin/python"),
+    (("--follow",), "train", ["--follow"], "--command=tail -n +1 -F speciarl_jax/launch_logs/"),
+    (("--dry-run",), "status", [], "gcloud compute "),  # the base arguments hold it: printed, not run
+]
+SHARED_ENV = {"MY_TOKEN": SECRET, "VKEY": SECRET}
+VM = ["--name", "vm-one", *LOC, "--dry-run"]  # what every case below starts with
+
+
+def _dry_run_text(script: Path, subcommand: str, *args: str) -> str:
+    base = ["--accelerator-type", "v5p-8"] if script.name == "tpu_vm.sh" and subcommand == "create" else []
+    result = run(script, subcommand, *VM, *base, *args, env=SHARED_ENV)
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    return "\n".join(" ".join(argv) + "\n" + (stdin or "") for argv, stdin in commands(result.stdout))
+
+
+def test_shared_option_cases_cover_every_shared_option():
+    covered = {name for names, *_ in SHARED_OPTION_CASES for name in names}
+    assert covered == SHARED_OPTIONS
+
+
+@pytest.mark.parametrize("script", VM_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("names, subcommand, args, expected", SHARED_OPTION_CASES,
+                         ids=[" ".join(c[0]) + f"-{i}" for i, c in enumerate(SHARED_OPTION_CASES)])
+def test_shared_option_has_the_same_effect_in_both_scripts(script, names, subcommand, args, expected):
+    if isinstance(expected, dict):
+        expected = expected[script.name]
+    assert expected in _dry_run_text(script, subcommand, *args)
+    if args:
+        assert expected not in _dry_run_text(script, subcommand)
+
+
+@pytest.mark.parametrize("script", VM_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("args, message", [
+    (["train", *VM, "--verifier-timeout", "soon"], "option --verifier-timeout must be a non-negative integer"),
+    (["train", *VM, "--config"], "option --config needs a value"),
+    (["train", *VM, "--config", "--follow"], "option --config needs a value"),
+    (["create", *VM, "--create-flag"], "option --create-flag needs a value"),
+    (["train", *VM, "--env", "NO_EQUALS"], "option --env takes KEY=VALUE"),
+    (["train", *VM, "--verifier-key-env", "BAD-NAME"], "not a valid environment variable name"),
+    (["copy", *VM, "--source", "svn"], "--source must be 'local' or 'git', got 'svn'"),
+    (["copy", *VM, "--source", "git"], "--source git needs --repo URL"),
+    (["train", *VM, "--bogus"], "unknown option '--bogus'"),
+    (["train", *VM, "stray"], "unknown option 'stray'"),
+    (["train", *VM, "--", "mesh.data=8"], "pass overrides as --config.KEY=VALUE"),
+    (["status", *VM, "--", "extra"], "subcommand 'status' takes no arguments after --"),
+    (["exec", *VM], "exec needs a command after --"),
+    (["train", *LOC, "--dry-run"], "missing --name"),
+    (["train", "--name", "n", "--project", "p", "--dry-run"], "missing --zone (e.g. --zone "),
+    (["train", "--name", "n", "--zone", "z", "--dry-run"], "missing --project"),
+    (["--name"], "the first argument must be a subcommand (create copy setup train "),
+    (["launch"], "unknown subcommand 'launch'"),
+])
+def test_shared_checks_give_the_same_error_in_both_scripts(script, args, message):
+    result = run(script, *args)
+    assert result.returncode == 2
+    assert f"{script.name}: error: " in result.stderr and message in result.stderr
+
+
+@pytest.mark.parametrize("script", VM_SCRIPTS, ids=lambda p: p.name)
+def test_dispatch_all_and_exec(script):
+    """`all` runs create, copy, setup, train, then follows worker 0's / the trainer's log; exec runs ARGS."""
+    extra = ["--accelerator-type", "v5p-8"] if script.name == "tpu_vm.sh" else []
+    result = run(script, "all", *VM, *extra)
+    assert result.returncode == 0, result.stderr
+    cmds = commands(result.stdout)
+    steps = [" ".join(argv) + (stdin or "") for argv, stdin in cmds]
+    assert " create vm-one " in steps[0]
+    assert any("tar -xzf" in s for s in steps) and any("pip install --quiet -e" in s for s in steps)
+    assert "speciarl_jax.train" in steps[-2]
+    assert option(cmds[-1][0], "--command").startswith("tail -n +1 -F speciarl_jax/launch_logs/")
+    result = run(script, "exec", *VM, "--remote-dir", "work/sp", "--", "ls", "-la")
+    (argv, _), = commands(result.stdout)
+    assert option(argv, "--command") == "cd work/sp && ls -la"
+    assert run(script, "--help").stdout == run(script, "status", "--help").stdout != ""
 
 
 # ---- verifier dry runs ----

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from speciarl_jax.trainer import validate
+from speciarl_jax.training_config import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "paper_in_miniature.py")

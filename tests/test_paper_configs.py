@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 
-from speciarl_jax.trainer import generation_batch_size, rl_config_of, validate
+from speciarl_jax.training_config import generation_batch_size, rl_settings, validate
 
 # The baseline script (main_cub/..._grpo_bestpred.sh).
 BASE = dict(lr=3e-5, prompts=256, n=10, rows_per_optimizer_step=1280, epochs=15, response=2048, images=3000,
@@ -61,7 +61,7 @@ def test_config_matches_the_original_script(spec):
     want = {**BASE, **RUNS[spec]}
     c = load(spec)
     validate(c)
-    rl = rl_config_of(c, total_steps=want["updates"])
+    rl = rl_settings(c, total_steps=want["updates"])
     source = c.data.source.to_dict() if hasattr(c.data.source, "to_dict") else dict(c.data.source)
     images = source.get("num_examples") or (500 * len(source["parts"]) if source["kind"] == "mixed" else None)
     generation = generation_batch_size(c)

@@ -2,6 +2,7 @@
 each checked against values worked out by hand."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -175,14 +176,18 @@ def test_informative_groups_drop_equal_rewards():
     np.testing.assert_array_equal(keep, [False, False, True, True, False, False, False])
 
 
+class _Batch(types.SimpleNamespace):
+    """A generation batch as dynamic sampling sees it: raw rewards (`scores`) of whole groups, rows prompt-major."""
+
+
 def _generation_batch(rewards_per_group, tag):
-    rewards = np.concatenate(rewards_per_group).astype(np.float32)
-    sizes = [len(r) for r in rewards_per_group]
-    return {
-        "rewards": rewards,
-        "group_ids": np.repeat(np.arange(len(sizes)), sizes),
-        "tokens": np.stack([np.full(3, 10 * tag + i) for i in range(len(rewards))]),
-    }
+    scores = np.asarray(rewards_per_group, np.float32).reshape(-1)
+    return _Batch(scores=scores, tokens=np.stack([np.full(3, 10 * tag + i) for i in range(len(scores))]))
+
+
+def _select(batch, groups, samples=2):
+    rows = np.concatenate([np.arange(g * samples, (g + 1) * samples) for g in groups])
+    return _Batch(scores=batch.scores[rows], tokens=batch.tokens[rows])
 
 
 def test_dynamic_sampling_fills_the_batch_across_generation_batches():
@@ -193,23 +198,24 @@ def test_dynamic_sampling_fills_the_batch_across_generation_batches():
     ]
     calls = []
 
-    def generate(i):
+    def draw(i):
         calls.append(i)
         return batches[i]
 
-    filled = dapo.fill_train_batch(generate, 3, max_generation_batches=5)
+    pieces, counts = dapo.collect_informative(draw, 3, num_samples=2, max_generation_batches=5, select=_select)
     assert calls == [0, 1, 2]
-    assert filled.generation_batches == 3 and filled.groups_generated == 9 and filled.groups_dropped == 5
-    np.testing.assert_array_equal(filled.rows["group_ids"], [0, 0, 1, 1, 2, 2])
-    np.testing.assert_array_equal(filled.rows["rewards"], [0, 1, 1, 0, 0, 1])
-    np.testing.assert_array_equal(filled.rows["tokens"][:, 0], [2, 3, 20, 21, 22, 23])
+    assert counts == {"dapo/generation_batches": 3, "dapo/generated_groups": 9, "dapo/dropped_groups": 5}
+    np.testing.assert_array_equal(np.concatenate([p.scores for p in pieces]), [0, 1, 1, 0, 0, 1])
+    np.testing.assert_array_equal(np.concatenate([p.tokens for p in pieces])[:, 0], [2, 3, 20, 21, 22, 23])
 
 
 def test_dynamic_sampling_gives_up_with_a_clear_error():
-    with pytest.raises(dapo.DynamicSamplingError, match=r"found 0 of the 2 groups .* after 10 generation batches"):
-        dapo.fill_train_batch(lambda i: _generation_batch([[1, 1], [0, 0]], i), 2)
-    with pytest.raises(KeyError, match="no 'rewards' field"):
-        dapo.fill_train_batch(lambda i: {"group_ids": np.zeros(2)}, 1)
+    with pytest.raises(dapo.DynamicSamplingError, match=r"gathered 0 of 2 groups .* in 10 generation batches"):
+        dapo.collect_informative(lambda i: _generation_batch([[1, 1], [0, 0]], i), 2, num_samples=2,
+                                 max_generation_batches=10, select=_select)
+    with pytest.raises(ValueError, match="groups_wanted"):
+        dapo.collect_informative(lambda i: _generation_batch([[1, 0]], i), 0, num_samples=2,
+                                 max_generation_batches=10, select=_select)
 
 
 # ---- configuration ----

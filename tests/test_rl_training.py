@@ -5,6 +5,8 @@ The tiny random checkpoint has an output layer so flat (logits of std ~0.2) that
 make any token likely; its lm_head is scaled up 10x so the adapters in the decoder can steer the output.
 """
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -58,30 +60,38 @@ def train(algorithm, tiny_checkpoint, prompts, sampler):
         shaped = reward
         if config.overlong_buffer:
             shaped = reward + dapo.overlong_penalty(out.lengths, RESPONSE, config.overlong_buffer, 0.5)
-        return {"tokens": out.tokens, "response_mask": out.response_mask, "task_reward": reward,
-                "rewards": shaped, "group_ids": group_ids, "prompt": group_ids}
+        return types.SimpleNamespace(tokens=out.tokens, response_mask=out.response_mask, task_reward=reward,
+                                     scores=reward, rewards=shaped, group_ids=group_ids, prompt=group_ids)
+
+    def select(batch, groups):  # the rows of whole groups, renumbered as the trainer's select_groups does
+        rows = np.concatenate([np.arange(g * SAMPLES, (g + 1) * SAMPLES) for g in groups])
+        return types.SimpleNamespace(tokens=batch.tokens[rows], response_mask=batch.response_mask[rows],
+                                     rewards=batch.rewards[rows], prompt=batch.prompt[rows])
 
     evaluation_key = jax.random.key(1234)
-    before = rollouts(evaluation_key)["task_reward"].mean()
+    before = rollouts(evaluation_key).task_reward.mean()
     for step in range(STEPS):
         key = jax.random.fold_in(jax.random.key(0), step)
         if config.dynamic_sampling:
             try:
-                kept = dapo.fill_train_batch(lambda i: rollouts(jax.random.fold_in(key, i)), PROMPTS,
-                                             max_generation_batches=config.max_generation_batches).rows
+                pieces, _ = dapo.collect_informative(lambda i: rollouts(jax.random.fold_in(key, i)), PROMPTS,
+                                                     num_samples=SAMPLES, select=select,
+                                                     max_generation_batches=config.max_generation_batches)
             except dapo.DynamicSamplingError:
                 break  # every group solved: nothing left to learn from
+            kept = types.SimpleNamespace(**{k: np.concatenate([getattr(p, k) for p in pieces])
+                                            for k in ("tokens", "response_mask", "rewards", "prompt")})
         else:
             kept = rollouts(key)
-        chosen = kept["prompt"][::SAMPLES]  # kept groups are whole and in order
+        chosen = kept.prompt[::SAMPLES]  # kept groups are whole and in order
         batch = make_rollout_batch(
-            model.config, {k: v[chosen] for k, v in prompts.items()}, kept["tokens"], kept["response_mask"],
-            advantages.group_advantages(kept["rewards"], kept["group_ids"], config.normalize_std),
+            model.config, {k: v[chosen] for k, v in prompts.items()}, kept.tokens, kept.response_mask,
+            advantages.group_advantages(kept.rewards, group_ids, config.normalize_std),
             num_samples=SAMPLES,
         )
         metrics = learner.step(batch)
         assert metrics["optimizer_steps"] == 2 and np.isfinite(metrics["loss"])
-    after = rollouts(evaluation_key)["task_reward"].mean()
+    after = rollouts(evaluation_key).task_reward.mean()
     return before, after
 
 

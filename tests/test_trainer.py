@@ -14,7 +14,8 @@ import pytest
 
 from configs.demo import get_config as demo_config
 from speciarl_jax.checkpoint import Checkpointer
-from speciarl_jax.trainer import Trainer, before_after_table
+from speciarl_jax.metrics import before_after_table
+from speciarl_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -284,7 +285,8 @@ def test_dynamic_sampling_filters_on_raw_rewards_and_counts_generation_batches(t
     batches in all (as verl counts epochs). Groups are kept on their raw reward: a group whose raw rewards agree
     is dropped even when the overlong shaping makes its rewards differ. An update that needs two generation
     batches merges them; the next one finds the data used up."""
-    from speciarl_jax.trainer import DataUsedUp, Rollouts, merge_rollouts
+    from speciarl_jax.rl.rollouts import Rollouts, merge_rollouts
+    from speciarl_jax.trainer import DataUsedUp
 
     config = rl_config(tmp_path, warm_model, steps=0, epochs=1, **{
         "rl.algorithm": "dapo", "rl.overlong_buffer": 4, "data.generation_batch_size": 8,
@@ -325,7 +327,7 @@ def test_selected_and_merged_rollouts_with_images_match_a_full_forward(tmp_path,
     in the update's batch equal a plain forward of that row's own prompt, image (encoded again from its pixels)
     and response."""
     from speciarl_jax.rl.batch import make_rollout_batch
-    from speciarl_jax.trainer import merge_rollouts, select_groups
+    from speciarl_jax.rl.rollouts import merge_rollouts, select_groups
 
     trainer = make_trainer(rl_config(tmp_path, warm_model))
     trainer.data_iter = trainer.pipeline.iterator()

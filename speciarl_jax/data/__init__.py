@@ -1,5 +1,7 @@
-"""Data: sources (TFDS, FGVC-Aircraft, manifests, a synthetic world), selections, prompts, the grain pipeline."""
+"""Data: sources (TFDS, FGVC-Aircraft, manifests, a synthetic world), selections, prompts, the grain pipeline, and
+an up-front check that names every bad example of a source."""
 
+from .checking import BadExamplesError, check_source, find_bad_examples
 from .config import BENCHMARKS, benchmark_source, pipeline_from_config, source_from_config
 from .pipeline import Batch, BatchIterator, EpochReport, Pipeline, PipelineOptions, collate
 from .prompts import PROMPTS, Prompt, get_prompt, load_prompt, load_prompt_file

@@ -33,6 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from speciarl_jax.processing import IMAGE_TOKEN
 
@@ -198,6 +199,53 @@ class EpochPlan:
         return {**self.__dict__, "_cache": None}
 
 
+def image_preprocessor(processor) -> tuple[ImagePatcher | None, Any]:
+    """(patcher, preprocess) for a `processing.Processor`: preprocess(image) -> (patches, grid_thw).
+
+    The patches are uint8 patch bytes from the ImagePatcher, or float patches from the processor itself when
+    ImagePatcher does not reproduce its image processor (patcher is then None)."""
+    patcher = ImagePatcher.from_processor(processor)
+    if patcher is not None:
+        return patcher, patcher.patch_bytes  # a bound method pickles with the patcher alone
+    return None, _ProcessorImages(processor)
+
+
+class _ProcessorImages:
+    """The fallback preprocess: the processor's own image processor, one image at a time (picklable for
+    grain workers, unlike a closure)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self.processor.encode_images([image])
+        return encoded["pixel_values"], encoded["image_grid_thw"][0]
+
+
+def read_example(source: Source, index: int, preprocess=None):
+    """source[index] checked by the rules every example the pipeline uses must pass; returns (example,
+    preprocess(image)) or (example, None) without `preprocess`.
+
+    Raises BadExampleError for an example the pipeline rejects: one the source cannot read (missing or
+    undecodable image, ...), an empty label, an image that does not decode fully or that `preprocess`
+    refuses. The pipeline and `checking.find_bad_examples` both use this, so they agree on what is bad."""
+    example = source[index]
+    if not example.label.strip():
+        raise BadExampleError(example.sample_id, "empty label")
+    image = example.image
+    if isinstance(image, Image.Image):
+        try:
+            image.load()  # a lazily opened file decodes here; truncated data fails now, not mid-run
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise BadExampleError(example.sample_id, f"cannot decode the image: {e}") from None
+    if preprocess is None:
+        return example, None
+    try:
+        return example, preprocess(image)
+    except (OSError, ValueError) as e:
+        raise BadExampleError(example.sample_id, f"cannot preprocess the image: {e}") from None
+
+
 class _EncodeExample:
     """The per-example work: read, decode, image patches, token ids. Runs in grain workers, so it holds only
     small picklable things (no tokenizer, and no transformers unless the image processor needs it), and it
@@ -205,29 +253,15 @@ class _EncodeExample:
 
     def __init__(self, source: Source, plan: EpochPlan, processor, prefix_ids: np.ndarray, suffix_ids: np.ndarray):
         self.source, self.plan = source, plan
-        self.patcher = ImagePatcher.from_processor(processor)
-        # Fallback for image processors ImagePatcher does not reproduce: the processor itself (slower to start).
-        self.processor = processor if self.patcher is None else None
+        # Without a patcher, preprocess falls back on the processor itself (slower to start in a worker).
+        self.patcher, self.preprocess = image_preprocessor(processor)
         self.merge_size, self.image_token_id = processor.merge_size, processor.image_token_id
         self.prefix_ids, self.suffix_ids = prefix_ids, suffix_ids
-
-    def _patches(self, image) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 patch bytes (normalised later, straight into the batch array) or, on the fallback, float patches."""
-        if self.patcher is not None:
-            return self.patcher.patch_bytes(image)
-        encoded = self.processor.encode_images([image])
-        return encoded["pixel_values"], encoded["image_grid_thw"][0]
 
     def __call__(self, k: int) -> dict[str, Any]:
         _, index, valid = self.plan.entry(k)
         try:
-            example = self.source[index]
-            if not example.label.strip():
-                raise BadExampleError(example.sample_id, "empty label")
-            try:
-                patches, grid = self._patches(example.image)
-            except (OSError, ValueError) as e:
-                raise BadExampleError(example.sample_id, f"cannot preprocess the image: {e}") from None
+            example, (patches, grid) = read_example(self.source, index, self.preprocess)
         except BadExampleError as e:
             return {"k": k, "bad": e.reason, "sample_id": e.sample_id}
         num_image_tokens = int(np.prod(grid)) // self.merge_size**2

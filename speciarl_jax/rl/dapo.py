@@ -1,13 +1,14 @@
 """DAPO's two additions to GRPO: a soft penalty for over-long responses, and dynamic sampling.
 
 Dynamic sampling drops the groups whose rollouts all earned the same reward (they give zero advantage, hence no
-gradient) and asks the caller for further generation batches until enough informative groups are collected.
+gradient) and draws further generation batches until enough informative groups are collected. The trainer
+trains through `collect_informative`; the batches it draws are `rollouts.Rollouts`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,85 +46,36 @@ class DynamicSamplingError(RuntimeError):
     """Dynamic sampling could not fill the train batch within the allowed number of generation batches."""
 
 
-@dataclasses.dataclass
-class FilledBatch:
-    """The rows of the kept groups, concatenated over generation batches.
+def collect_informative(draw: Callable[[int], Any], groups_wanted: int, *, num_samples: int,
+                        max_generation_batches: int, select: Callable[[Any, list[int]], Any]) -> tuple[list, dict]:
+    """Draw generation batches (`draw(0)`, `draw(1)`, ...) until `groups_wanted` informative groups are kept.
 
-    rows: every field the generator returned, with `group_ids` renumbered 0 .. groups - 1 so that ids from
-      different generation batches never collide (rows stay in generation order).
-    generation_batches: how many times the generator was called.
-    groups_generated / groups_dropped: totals over those calls.
+    A batch has `scores` [N] (the raw reward, before any overlong shaping: as verl filters) and its rows are
+    grouped prompt-major, `num_samples` per group. `select(batch, groups)` returns the batch restricted to those
+    groups. Surplus groups of the last batch are dropped, so the pieces hold exactly `groups_wanted` groups, in
+    the order they were drawn. Returns (pieces, metrics); raises DynamicSamplingError after
+    `max_generation_batches` batches.
     """
-
-    rows: dict[str, np.ndarray]
-    generation_batches: int
-    groups_generated: int
-    groups_dropped: int
-
-
-def fill_train_batch(
-    generate: Callable[[int], Mapping[str, np.ndarray]],
-    train_groups: int,
-    *,
-    max_generation_batches: int = 10,
-    reward_key: str = "rewards",
-    group_key: str = "group_ids",
-) -> FilledBatch:
-    """Call `generate(i)` for i = 0, 1, ... and keep the informative groups until `train_groups` are collected.
-
-    `generate(i)` returns a mapping of arrays that share their leading dimension (rows); it must hold
-    `reward_key` [N] and `group_key` [N]. Surplus groups of the last generation batch are dropped, so the
-    result holds exactly `train_groups` groups. Raises DynamicSamplingError after `max_generation_batches` calls.
-    """
-    if train_groups < 1 or max_generation_batches < 1:
-        raise ValueError(
-            f"train_groups ({train_groups}) and max_generation_batches ({max_generation_batches}) must be >= 1.")
-    kept: list[dict[str, np.ndarray]] = []
-    groups_kept = groups_generated = groups_dropped = 0
+    if groups_wanted < 1 or max_generation_batches < 1:
+        raise ValueError(f"groups_wanted ({groups_wanted}) and max_generation_batches ({max_generation_batches}) "
+                         "must be >= 1.")
+    kept, have, generated, dropped = [], 0, 0, 0
     for call in range(max_generation_batches):
-        rows = {k: np.asarray(v) for k, v in generate(call).items()}
-        for key in (reward_key, group_key):
-            if key not in rows:
-                raise KeyError(f"Generation batch {call} has no {key!r} field (fields: {sorted(rows)}).")
-        n = len(rows[group_key])
-        uneven = [k for k, v in rows.items() if v.ndim == 0 or len(v) != n]
-        if uneven:
-            raise ValueError(f"Generation batch {call}: fields {uneven} do not have {n} rows like {group_key!r}.")
-        _, first_row, group = np.unique(rows[group_key], return_index=True, return_inverse=True)
-        keep = informative_groups(rows[reward_key], rows[group_key])
-        groups_generated += len(first_row)
-        groups_dropped += len(first_row) - len({g for g, k in zip(group, keep) if k})
-        # Number the kept groups in order of first appearance, continuing from the earlier batches.
-        order = np.argsort(first_row)
-        kept_in_order = [g for g in order if keep[first_row[g]]]
-        room = train_groups - groups_kept
-        chosen = kept_in_order[:room]
-        renumber = np.full(len(first_row), -1)
-        renumber[chosen] = np.arange(groups_kept, groups_kept + len(chosen))
-        selected = renumber[group] >= 0
-        if selected.any():
-            piece = {k: v[selected] for k, v in rows.items()}
-            piece[group_key] = renumber[group][selected]
-            kept.append(piece)
-        groups_kept += len(chosen)
-        if groups_kept == train_groups:
-            return FilledBatch(_concatenate(kept), call + 1, groups_generated, groups_dropped)
+        batch = draw(call)
+        scores = np.asarray(batch.scores)
+        groups = len(scores) // num_samples
+        informative = informative_groups(scores, np.arange(len(scores)) // num_samples)[::num_samples]
+        chosen = [g for g in range(groups) if informative[g]]
+        generated += groups
+        dropped += groups - len(chosen)
+        chosen = chosen[: groups_wanted - have]
+        if chosen:
+            kept.append(select(batch, chosen))
+            have += len(chosen)
+        if have == groups_wanted:
+            return kept, {"dapo/generation_batches": call + 1, "dapo/dropped_groups": dropped,
+                          "dapo/generated_groups": generated}
     raise DynamicSamplingError(
-        f"Dynamic sampling found {groups_kept} of the {train_groups} groups with differing rewards that the train "
-        f"batch needs after {max_generation_batches} generation batches ({groups_generated} groups generated, "
-        f"{groups_dropped} dropped because all their rewards were equal). Allow more generation batches, shrink "
-        f"the train batch, or check that the reward can tell rollouts apart."
-    )
-
-
-def _concatenate(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    out = {}
-    for key in pieces[0]:
-        shapes = {p[key].shape[1:] for p in pieces}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"Field {key!r} has different per-row shapes across generation batches ({sorted(shapes)}); "
-                f"pad every generation batch to the same width."
-            )
-        out[key] = np.concatenate([p[key] for p in pieces], axis=0)
-    return out
+        f"Dynamic sampling gathered {have} of {groups_wanted} groups with differing rewards in "
+        f"{max_generation_batches} generation batches ({dropped} of {generated} groups had identical rewards). "
+        "Raise rl.max_generation_batches, lower data.batch_size, or check that the reward can tell rollouts apart.")
