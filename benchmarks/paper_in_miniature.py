@@ -45,7 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from configs import miniature  # noqa: E402
+from speciarl_jax.configs import miniature  # noqa: E402
 from speciarl_jax import reports  # noqa: E402
 from speciarl_jax.rewards import categories as cat  # noqa: E402
 
@@ -115,7 +115,7 @@ def warm_config(base, out: str):
 
     Only the evaluation (and, with --quick, the SFT length) comes from `base`, so changing the RL knobs of
     configs/miniature.py leaves a finished warm start valid."""
-    from configs.demo import get_config as demo_config
+    from speciarl_jax.configs.demo import get_config as demo_config
 
     c = demo_config()
     c.eval = base.eval.copy_and_resolve_references()

@@ -16,11 +16,11 @@ Each resolves to the original launch script's values (tests/test_paper_configs.p
 prompts per step (one optimizer step per batch, 15 steps), `train:cub` is the data-set variation run on CUB
 (512 prompts x 5 rollouts at learning rate 3e-6), and the other training sets are read as the original read them
 (FGVC-Aircraft's variant train list, CoOp's train splits of Flowers102, Food101 and Pets; see
-`configs.common.paper_source`).
+`speciarl_jax.configs.common.paper_source`).
 """
 
-from configs.common import paper_source
-from configs.cub_grpo import get_config as grpo
+from speciarl_jax.configs.common import paper_source
+from speciarl_jax.configs.cub_grpo import get_config as grpo
 
 SIX = ("cub", "aircraft", "flowers", "food", "pets", "cars")
 TRAIN_SETS = ("cub", "aircraft", "flowers", "food", "pets")

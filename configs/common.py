@@ -4,15 +4,19 @@ only what differs, so a value lives in one place."""
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from speciarl_jax.verifier import VerifierConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """One convention: a setting derived from others (or left to the model or the library) is None, an
+    ml_collections placeholder that still takes a typed value on the command line; a count, budget or interval
+    of 0 turns its feature off."""
     c = ml_collections.ConfigDict()
     c.name = "run"
     c.about = ""  # printed when the run starts, after what the config says it will do (e.g. how long it takes)
-    c.run_dir = ""  # empty: runs/<name>
+    c.run_dir = placeholder(str)  # None: runs/<name>
     c.resume = "auto"  # "auto": the latest checkpoint in run_dir; "": start fresh (the earlier attempt moves to
     # run_dir/earlier/<time>/); or a checkpoint folder
     c.seed = 0
@@ -30,14 +34,14 @@ def base_config() -> ml_collections.ConfigDict:
     # pod); "": no cache of the trainer's own (a cache the calling program set up stays in use).
     c.compilation_cache_dir = "~/.cache/speciarl_jax/xla"
     c.compile_warmup_steps = 3  # a step after these that compiles a new program logs a warning
-    # Memory per device the start-up check plans against (speciarl_jax.plan); 0: what the device reports (CPU:
-    # no check).
-    c.device_memory_gb = 0.0
+    # Memory per device the start-up check plans against (speciarl_jax.plan); None: what the device reports
+    # (CPU: no check).
+    c.device_memory_gb = placeholder(float)
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
     c.model = ml_collections.ConfigDict(dict(
-        path="",  # a local Hugging Face Qwen2.5-VL folder
+        path=placeholder(str),  # a local Hugging Face Qwen2.5-VL folder
         tiny=False,  # True: build the tiny random checkpoint in <run_dir>/tiny_model (tests, demo)
         tiny_spec=ml_collections.ConfigDict(dict(hidden_size=64, num_layers=2, intermediate_size=128, vision_hidden=32,
                                                  vision_intermediate=64)),
@@ -49,29 +53,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=32.0))  # rank 0: full fine-tuning
 
     c.data = ml_collections.ConfigDict(dict(
-        source=ml_collections.ConfigDict(dict(kind="benchmark", name="cub", split="train", data_dir="",
+        source=ml_collections.ConfigDict(dict(kind="benchmark", name="cub", split="train", data_dir=placeholder(str),
                                               num_examples=3000, subset_seed=42)),
         batch_size=256,  # prompts per step (groups per update)
-        # Prompts per generation batch, 0: batch_size. Larger only with dynamic sampling, which fills an update's
+        # Prompts per generation batch, None: batch_size. Larger only with dynamic sampling, which fills an update's
         # batch_size groups from as many generation batches as it takes; epochs count generation batches (verl).
-        generation_batch_size=0,
+        generation_batch_size=placeholder(int),
         seed=0,
         prompt="general",
-        system_prompt="",  # "": the chat template's default system turn
+        system_prompt=placeholder(str),  # None: the chat template's default system turn
         pad_to_multiple_of=64,
         worker_count=0,
-        min_pixels=0,  # 0: the model's image processor settings
+        # Read and decode every training and held-out image before anything loads, and name all the bad ones
+        # at once (a synthetic world has no files to check).
+        check_images=True,
+        on_bad_example="raise",  # a bad example: "raise" stops the run naming it; "skip" leaves it out, counted
+        min_pixels=placeholder(int),  # None: the model's image processor settings
         # CUB's images (at most 500 px a side) keep their native size; larger ones are scaled down. The bound sets
         # the widest prompt, so the compiled programs, the KV cache and the memory plan (speciarl_jax.plan).
         max_pixels=512 * 512,
-        image_size=(0, 0),  # (H, W) > 0: resize every image, so the vision tower compiles once
+        image_size=placeholder(tuple),  # (H, W): resize every image, so the vision tower compiles once
     ))
     c.eval = ml_collections.ConfigDict(dict(
         enabled=False,
-        source=ml_collections.ConfigDict(dict(kind="benchmark", name="cub", split="test", data_dir="")),
+        source=ml_collections.ConfigDict(dict(kind="benchmark", name="cub", split="test", data_dir=placeholder(str))),
         batch_size=64,
-        num_examples=0,  # 0: the whole split
-        max_new_tokens=0,  # 0: rollout.max_new_tokens
+        num_examples=placeholder(int),  # None: the whole split
+        max_new_tokens=placeholder(int),  # None: rollout.max_new_tokens
     ))
     c.rollout = ml_collections.ConfigDict(dict(
         num_samples=10, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=2048, prompt_bucket=64,
@@ -94,12 +102,12 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.01,
         max_grad_norm=1.0,
         mini_batch_size=1280,  # rollout rows per optimizer step: 128 prompts x 10, two steps per batch
-        micro_batch_size=0,  # 0: no cap on the rows of a micro-batch beyond micro_batch_tokens
+        micro_batch_size=placeholder(int),  # None: no cap on the rows of a micro-batch beyond micro_batch_tokens
         # Tokens per device in one forward/backward: rows are grouped by response length and each micro-batch is
         # cut to its own width, so the update's cost follows the real tokens. 0: the previous path (every
         # micro-batch spans prompt + max_new_tokens columns, micro_batch_size rows or the whole mini-batch).
         micro_batch_tokens=16384,
-        max_response_len=0,  # 0: the batch's response width (T_max of seq-mean-token-sum-norm)
+        max_response_len=placeholder(int),  # None: the batch's response width (T_max of seq-mean-token-sum-norm)
         # seq-mean-token-sum-norm (Dr.GRPO) at verl's scale: the rows of the original's micro-batches (its
         # ppo_micro_batch_size_per_gpu), whatever ours are; see rl.update.RLConfig.
         norm_micro_batch_rows=32,
@@ -118,6 +126,21 @@ def base_config() -> ml_collections.ConfigDict:
         train_vision=False,  # also train the vision tower (the paper keeps it frozen)
     ))
     return c
+
+
+def variants(argument: str, known: tuple[str, ...], config_file: str) -> set[str]:
+    """The comma-separated variants after a config file's colon (`--config=configs/cub_dapo.py:a,b`), checked."""
+    chosen = {v for v in argument.split(",") if v}
+    unknown = sorted(chosen - set(known))
+    if unknown:
+        raise ValueError(f"{config_file}: unknown variant(s) {unknown} (known: {', '.join(known)})")
+    return chosen
+
+
+def static_reward(c: ml_collections.ConfigDict, table: str = "reward3") -> None:
+    """Train with a static reward table instead of SpeciaRL's (the paper's comparisons)."""
+    c.name += f"_{table}"
+    c.reward.kind, c.reward.table = "static", table
 
 
 # Where the original read each data set, under one data root (the layout docs/data.md describes): CUB and Cars

@@ -7,7 +7,8 @@ epoch over 3,000 images, so at most 45 updates in 15 epochs).
 `:reward3` and `:nodynamic,reward3` train with the static binary reward (the paper's comparison).
 """
 
-from configs.cub_grpo import get_config as grpo
+from speciarl_jax.configs.common import static_reward, variants
+from speciarl_jax.configs.cub_grpo import get_config as grpo
 
 VARIANTS = ("nodynamic", "reward3")
 
@@ -19,15 +20,11 @@ def get_config(variant: str = ""):
     c.rl.dynamic_sampling = True
     c.rl.max_generation_batches = 10
     c.data.generation_batch_size = 768
-    chosen = [v for v in variant.split(",") if v]
-    unknown = sorted(set(chosen) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"configs/cub_dapo.py: unknown variant(s) {unknown} (known: {VARIANTS})")
+    chosen = variants(variant, VARIANTS, "configs/cub_dapo.py")
     if "nodynamic" in chosen:
         c.name += "_nodynamic"
         c.rl.dynamic_sampling = False
-        c.data.generation_batch_size = 0
+        c.data.generation_batch_size = None
     if "reward3" in chosen:
-        c.name += "_reward3"
-        c.reward.kind, c.reward.table = "static", "reward3"
+        static_reward(c)
     return c

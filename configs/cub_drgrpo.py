@@ -4,7 +4,8 @@
 `--config=configs/cub_drgrpo.py:reward3` trains with the static binary reward instead (the paper's comparison).
 """
 
-from configs.cub_grpo import get_config as grpo
+from speciarl_jax.configs.common import static_reward, variants
+from speciarl_jax.configs.cub_grpo import get_config as grpo
 
 
 def get_config(variant: str = ""):
@@ -13,9 +14,6 @@ def get_config(variant: str = ""):
     c.rl.algorithm = "drgrpo"
     c.rl.max_response_len = c.rollout.max_new_tokens  # T_max of the aggregation
     c.rl.norm_micro_batch_rows = 32  # the original's ppo_micro_batch_size_per_gpu
-    if variant == "reward3":
-        c.name += "_reward3"
-        c.reward.kind, c.reward.table = "static", "reward3"
-    elif variant:
-        raise ValueError(f"configs/cub_drgrpo.py: unknown variant {variant!r} (only 'reward3')")
+    if "reward3" in variants(variant, ("reward3",), "configs/cub_drgrpo.py"):
+        static_reward(c)
     return c

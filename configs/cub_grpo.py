@@ -4,7 +4,7 @@
         --config.data.source.data_dir=/data/tfds --config.verifier.base_url=http://verifier:8000/v1
 """
 
-from configs.common import base_config
+from speciarl_jax.configs.common import base_config
 
 
 def get_config():

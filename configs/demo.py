@@ -4,7 +4,7 @@ SFT first teaches the answer format, mostly at the family or generic level (as r
 SpeciaRL GRPO pushes the answers to the finest level the model can get right.
 """
 
-from configs.common import base_config
+from speciarl_jax.configs.common import base_config
 
 # Centred, upright shapes of one size: a random model learns to tell them apart within the demo's minutes
 # (at the world's full variation it needs far longer). Colours and textures still vary.

@@ -19,7 +19,7 @@ models with the general prompt. The "be specific" prompt is a separate study: `-
 which the output and run.json then state as a change from training.
 """
 
-from configs.common import paper_source
+from speciarl_jax.configs.common import paper_source
 from speciarl_jax.evaluate import datasets_config, default_config
 
 ORDER = "cub,aircraft,flowers,food,pets,cars"  # the paper's table order

@@ -7,7 +7,7 @@ temperature 0.6 and top-p 0.95; each image keeps its best-ranked answer. Reports
 `--config.decoding.n=16` for a cheaper run. Rows per generation batch are batch_size x n.
 """
 
-from configs.eval_benchmarks import get_config as benchmarks
+from speciarl_jax.configs.eval_benchmarks import get_config as benchmarks
 
 
 def get_config(root: str = "/data"):

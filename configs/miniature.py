@@ -7,7 +7,7 @@ knobs; the script derives each run's config from `get_config()` (`rl_config`, `s
 the shared 2-core CPU: the warm start about 4 minutes, an RL run about 40 s, the whole comparison about 25 minutes.
 """
 
-from configs.demo import get_config as demo_config
+from speciarl_jax.configs.demo import get_config as demo_config
 
 RL_STEPS = 40  # RL steps per run
 BATCH_SIZE = 16  # prompts per RL step (data.batch_size)

@@ -782,9 +782,8 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    import configs
 
-    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "eval_run.py"),
+    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "eval_run.py"),
                                     "evaluation config file (configs/eval_*.py); by default configs/eval_run.py, "
                                     "which evaluates --run as trained", lock_config=True)
     flags.DEFINE_string("run", "", "a training run to evaluate as trained: runs/<name> (its latest checkpoint), "

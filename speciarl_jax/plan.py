@@ -393,10 +393,9 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    import configs
 
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(configs.__file__), "cub_grpo.py"), "Path of a config file.")
+        "config", os.path.join(os.path.dirname(__file__), "configs", "cub_grpo.py"), "Path of a config file.")
     flags.DEFINE_string("devices", "8xH100", "v5p-16, v6e-32, 8xH100, 4xH100, or <n>x<GiB per device>")
     flags.DEFINE_string("model", "", f"one of {sorted(MODELS)}; default: config.model.path's config.json, else 7b")
     flags.DEFINE_bool("xla", False, "also compile the update program from shapes on this backend (slow for 7B)")

@@ -13,9 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import configs
 
-_DEMO = os.path.join(os.path.dirname(configs.__file__), "demo.py")
+_DEMO = os.path.join(os.path.dirname(__file__), "configs", "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "Path of a config file (see configs/).")
 
 

@@ -48,9 +48,9 @@ from .rl.update import Learner
 from .sampling import make_sampler
 from .sft import run_sft
 from .stopping import StopFlags, TrainingInterrupted
-from .training_config import (build_verifier, data_settings, eval_decoding, generation_batch_size, lora_settings,
-                              prepare_model, processor_settings, reward_function, rl_settings, rollout_decoding,
-                              taxonomy, validate)
+from .training_config import (build_verifier, check_examples, data_settings, eval_decoding, generation_batch_size,
+                              lora_settings, prepare_model, processor_settings, reward_function, rl_settings,
+                              rollout_decoding, taxonomy, validate)
 from .verifier import VerifierError
 
 
@@ -87,6 +87,7 @@ class Trainer:
         self.processor = Processor.from_pretrained(self.model_dir, **processor_settings(config))
         # Each process reads its share of every batch; multihost.gather_batch puts the batch back together.
         self.pipeline = pipeline_from_config(data_settings(config, "rl"), self.processor)
+        check_examples(config, self.processor, self.pipeline.source)
         # As verl counts them: epochs over generation batches. Each update takes at least one, so without
         # `steps` the run ends when the epochs' generation batches are used up, even if fewer updates were made.
         self.generation_budget = None if config.steps else config.epochs * self.pipeline.batches_per_epoch

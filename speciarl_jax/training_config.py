@@ -12,10 +12,13 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
 
 from . import multihost
 from .answering import Decoding
 from .checkpoint import RunFolder
+from .data import Subset, source_from_config
+from .data.checking import BadExamplesError, find_bad_examples
 from .data.synthetic import source_taxonomy
 from .models import lora
 from .models.qwen2_5_vl.layers import ATTENTION_IMPLEMENTATIONS
@@ -25,9 +28,9 @@ from .sampling import ENGINES
 from .tiny_model import TinySpec, make_tiny_checkpoint
 from .verifier import Taxonomy, make_verifier
 
-# RLConfig fields where the config's 0 stands for None (ml_collections cannot type a None default).
-_ZERO_IS_NONE = ("mini_batch_size", "micro_batch_size", "max_response_len", "overlong_buffer", "total_steps",
-                 "micro_batch_tokens")
+# The config's convention (configs/common.py): None leaves a setting to be derived; 0 turns a budget off. These
+# RLConfig fields spell "off" as None.
+_OFF_WHEN_ZERO = ("micro_batch_tokens", "overlong_buffer")
 
 
 class ConfigError(ValueError):
@@ -35,13 +38,13 @@ class ConfigError(ValueError):
 
 
 def generation_batch_size(config) -> int:
-    """Prompts per generation batch: data.generation_batch_size, or (0) data.batch_size."""
+    """Prompts per generation batch: data.generation_batch_size, or (None) data.batch_size."""
     return config.data.get("generation_batch_size", 0) or config.data.batch_size
 
 
 def rl_settings(config, total_steps: int) -> RLConfig:
     overrides = {k: v for k, v in config.rl.to_dict().items() if k != "algorithm"}
-    for key in _ZERO_IS_NONE:
+    for key in _OFF_WHEN_ZERO:
         if overrides.get(key) == 0:
             overrides[key] = None
     if overrides.get("lr_schedule", "constant") != "constant" and not overrides.get("total_steps"):
@@ -59,24 +62,24 @@ def rollout_decoding(config) -> Decoding:
 
 
 def eval_decoding(config) -> Decoding:
-    """Greedy, to eval.max_new_tokens (0: the rollouts' length)."""
+    """Greedy, to eval.max_new_tokens (None: the rollouts' length)."""
     return Decoding.greedy(config.eval.max_new_tokens or config.rollout.max_new_tokens)
 
 
 def processor_settings(config) -> dict:
-    """The image settings of the data section: bounds on pixels, or one fixed size (0: the model's own)."""
+    """The image settings of the data section: bounds on pixels, or one fixed size (None: the model's own)."""
     d = config.data
-    settings = {k: d[k] for k in ("min_pixels", "max_pixels") if d.get(k)}
-    if d.get("image_size") and all(d.image_size):
+    settings = {k: d[k] for k in ("min_pixels", "max_pixels") if d.get(k) is not None}
+    if d.get("image_size") is not None:
         settings["image_size"] = tuple(d.image_size)
     return settings
 
 
-def _source(section, num_examples: int = 0) -> dict:
+def _source(section, num_examples: int | None = None) -> dict:
+    """A source entry without its unset keys (a data_dir of None: TFDS's own default folder)."""
     source = section.source.to_dict() if hasattr(section.source, "to_dict") else dict(section.source)
-    if not source.get("data_dir", True):  # "": TFDS's own default folder
-        source.pop("data_dir")
-    if num_examples:
+    source = {k: v for k, v in source.items() if v is not None}
+    if num_examples is not None:
         source["num_examples"] = num_examples
     return source
 
@@ -87,7 +90,7 @@ def data_settings(config, use: str) -> dict:
     "eval" (the held-out set, once, in order, the last batch padded)."""
     d, processes = config.data, jax.process_count()
     common = dict(prompt=d.prompt, system_prompt=d.system_prompt or None, pad_to_multiple_of=d.pad_to_multiple_of,
-                  worker_count=d.worker_count)
+                  worker_count=d.worker_count, on_bad_example=d.get("on_bad_example", "raise"))
     if use == "rl":
         return dict(common, source=_source(d), seed=d.seed, num_epochs=None,
                     batch_size=generation_batch_size(config) // processes)
@@ -99,6 +102,31 @@ def data_settings(config, use: str) -> dict:
         return dict(common, source=_source(e, e.num_examples), num_epochs=1, shuffle=False, remainder="pad",
                     batch_size=e.batch_size // processes)
     raise ValueError(f"data_settings: use must be 'rl', 'sft' or 'eval', got {use!r}")
+
+
+def check_examples(config, processor, train_source) -> None:
+    """With data.check_images, read every training and held-out example now, each process its share, and
+    raise BadExamplesError naming all the bad ones (with data.on_bad_example "skip": log how many the run will
+    leave out). A synthetic world draws its images, so it has nothing to check."""
+    if not config.data.get("check_images", False):
+        return
+    sections = [("data.source", config.data.source.kind, lambda: train_source)]
+    if config.eval.enabled:
+        sections.append(("eval.source", config.eval.source.kind,
+                         lambda: source_from_config(data_settings(config, "eval")["source"])))
+    for where, kind, make in sections:
+        if kind == "synthetic":
+            continue
+        source = make()
+        share = Subset(source, np.arange(jax.process_index(), len(source), jax.process_count()))
+        found = find_bad_examples(share, processor, progress=jax.process_index() == 0)
+        bad = sorted(tuple(b) for part in multihost.allgather_json(found) for b in part)
+        if bad and config.data.get("on_bad_example", "raise") == "raise":
+            raise BadExamplesError(bad, source_name=getattr(source, "name", where),
+                                   num_examples=len(source), skip_setting="data.on_bad_example")
+        if bad:
+            logging.warning("%d of %d examples of %s cannot be used and will be skipped (data.on_bad_example="
+                            "'skip'), e.g. %s", len(bad), len(source), where, "; ".join(f"{i}: {r}" for i, r in bad[:3]))
 
 
 def taxonomy(config) -> Taxonomy | None:
@@ -167,17 +195,19 @@ def validate(config, process_count: int = 1) -> None:
     generation = generation_batch_size(config)
     if generation < config.data.batch_size:
         problems.append(f"data.generation_batch_size {generation} must be at least data.batch_size "
-                        f"{config.data.batch_size} (0: the same)")
+                        f"{config.data.batch_size} (unset: the same)")
     if generation % process_count:
         problems.append(f"data.generation_batch_size {generation} must be a multiple of the {process_count} processes")
     rows = config.data.batch_size * config.rollout.num_samples
-    mini = config.rl.get("mini_batch_size", 0) or rows
+    mini = config.rl.get("mini_batch_size") or rows
     if rows % mini:
         problems.append(f"rl.mini_batch_size {mini} does not divide the {rows} rollouts of a step "
                         f"(data.batch_size {config.data.batch_size} x rollout.num_samples {config.rollout.num_samples})")
-    micro = config.rl.get("micro_batch_size", 0) or mini
+    micro = config.rl.get("micro_batch_size") or mini
     if mini % micro:
         problems.append(f"rl.micro_batch_size {micro} does not divide rl.mini_batch_size {mini}")
+    if config.data.get("on_bad_example", "raise") not in ("raise", "skip"):
+        problems.append(f"data.on_bad_example must be 'raise' or 'skip', got {config.data.on_bad_example!r}")
     if config.reward.kind not in ("speciarl", "static"):
         problems.append(f"reward.kind must be 'speciarl' or 'static', got {config.reward.kind!r}")
     if not 0 <= config.reward.noise <= 1:

@@ -33,7 +33,7 @@ def test_images_of_varying_sizes_compile_nothing_after_the_first_steps(tmp_path,
     config = rl_config(tmp_path / "run", warm_model, **{
         "steps": 12, "checkpoint_every": 100, "compilation_cache_dir": "", "rollout.precompile": True,
         "data.source": {"kind": "manifest", "path": str(manifest)}, "verifier.taxonomy_path": str(taxonomy),
-        "data.image_size": (0, 0), "data.max_pixels": 140 * 140})
+        "data.image_size": None, "data.max_pixels": 140 * 140})
     trainer = make_trainer(config)
     trainer.run()
     counts = [m["compile/count"] for m in read_metrics(config.run_dir) if "compile/count" in m]

@@ -303,7 +303,7 @@ def test_commands(tmp_path):
 def test_config_files_are_valid(name):
     import importlib
 
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"speciarl_jax.configs.{name}").get_config()
     config.model.path = config.model.path or "/models/qwen"
     evaluate.validate(config)
     assert evaluate.selected_datasets(config)

@@ -52,7 +52,7 @@ TRAIN_SPLITS = {"aircraft": ("aircraft", "train"), "flowers": ("coop", "train"),
 
 def load(spec: str):
     module, _, argument = spec.partition(":")
-    get_config = importlib.import_module(f"configs.{module}").get_config
+    get_config = importlib.import_module(f"speciarl_jax.configs.{module}").get_config
     return get_config(argument) if argument else get_config()
 
 

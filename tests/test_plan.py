@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.cub_grpo import get_config as cub_grpo
+from speciarl_jax.configs.cub_grpo import get_config as cub_grpo
 from speciarl_jax import plan
 from speciarl_jax.models import lora
 from speciarl_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, TextConfig, VisionConfig

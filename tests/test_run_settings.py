@@ -25,7 +25,7 @@ def trained_run(tmp_path_factory, warm_model):
 def test_the_documented_command_matches_the_trainers_evaluation(trained_run):
     """`python -m speciarl_jax.evaluate --run=<run>`: the run's prompt, system turn and world by default, and the
     trainer's own categories on the same images."""
-    from configs import eval_run
+    from speciarl_jax.configs import eval_run
 
     run_dir, trainer_eval = trained_run
     config = evaluate.command_config(eval_run.get_config(), run=str(run_dir))
@@ -47,7 +47,7 @@ def test_the_documented_command_matches_the_trainers_evaluation(trained_run):
 
 def test_changes_from_training_are_stated(trained_run, capsys):
     """A prompt study: the override is kept, printed, written, and labels the evaluation and its folder."""
-    from configs import eval_run
+    from speciarl_jax.configs import eval_run
 
     run_dir, _ = trained_run
     config = eval_run.get_config(str(run_dir / "checkpoints" / "1"))
@@ -61,7 +61,7 @@ def test_changes_from_training_are_stated(trained_run, capsys):
 
     # The synthetic evaluation config given the run: the world and question come from the run as well; a world
     # setting given explicitly is a change.
-    from configs import eval_synthetic
+    from speciarl_jax.configs import eval_synthetic
 
     config = eval_synthetic.get_config(str(run_dir))
     config.datasets.synthetic_family.variation = 1.0

@@ -11,8 +11,9 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from configs.demo import get_config as demo_config
+from speciarl_jax.configs.demo import get_config as demo_config
 from speciarl_jax.checkpoint import Checkpointer
 from speciarl_jax.metrics import before_after_table
 from speciarl_jax.trainer import Trainer
@@ -366,3 +367,69 @@ def test_selected_and_merged_rollouts_with_images_match_a_full_forward(tmp_path,
         np.testing.assert_array_equal(merged.tokens[row, :n], source.tokens[r, :n])
         np.testing.assert_allclose(got[row, :n], expected[row, :n], atol=2e-4, err_msg=f"row {row}")
     assert len(rows) == 16
+
+
+def image_manifest(folder, bad: dict[str, bytes], count=6):
+    """A manifest of `count` good synthetic-world JPEGs plus one row per `bad` file (name -> its bytes)."""
+    from speciarl_jax.data.synthetic import SyntheticSource, SyntheticWorld
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = SyntheticSource(SyntheticWorld(seed=0, image_size=(56, 56)), split="train", num_images=count)
+    rows = []
+    for i in range(count):
+        Image.fromarray(source[i].image).save(folder / f"{i}.jpg")
+        rows.append({"image": f"{i}.jpg", "label": source[i].label})
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+        rows.append({"image": name, "label": "plain circle"})
+    path = folder / "images.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_a_manifest_from_the_command_line_and_its_bad_images_named_before_anything_loads(tmp_path):
+    """`--config=configs/manifest.py:<train>,<held out>` needs no config file of one's own; every bad image of
+    both sets is named at once, with exit code 2 and no traceback, before a weight is loaded."""
+    import io
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(jpeg, "JPEG")
+    train = image_manifest(tmp_path / "train", {"cut.jpg": jpeg.getvalue()[:300], "noise.jpg": b"not an image"})
+    held_out = image_manifest(tmp_path / "test", {}, count=3)
+    done = subprocess.run([sys.executable, "-m", "speciarl_jax.train", f"--config=configs/manifest.py:{train},{held_out}",
+                           "--config.model.tiny=True", f"--config.run_dir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+    assert done.stdout.startswith("Run 'manifest' in "), done.stdout
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "2 of 8 examples of data set 'images' cannot be used" in done.stderr, done.stderr[-3000:]
+    assert "images/cut.jpg: cannot" in done.stderr and "images/noise.jpg: cannot" in done.stderr, done.stderr[-3000:]
+    assert 'set data.on_bad_example to "skip"' in done.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    with pytest.raises(ValueError, match="needs the training manifest"):
+        from speciarl_jax.configs.manifest import get_config
+
+        get_config("")
+
+
+def test_bad_images_skipped_when_asked_are_counted(tmp_path, caplog):
+    """With data.on_bad_example "skip" the check names how many examples the run leaves out, and goes on."""
+    from speciarl_jax.data import source_from_config
+    from speciarl_jax.processing import Processor
+    from speciarl_jax.tiny_model import make_tiny_checkpoint
+    from speciarl_jax.training_config import check_examples
+
+    path = image_manifest(tmp_path / "data", {"noise.jpg": b"not an image"})
+    config = small_config(tmp_path / "run", **{"data.source": {"kind": "manifest", "path": str(path)},
+                                               "data.on_bad_example": "skip"})
+    model = make_tiny_checkpoint(tmp_path / "model")
+    processor = Processor.from_pretrained(model, image_size=(56, 56))
+    source = source_from_config(config.data.source.to_dict())
+    with caplog.at_level("WARNING"):
+        check_examples(config, processor, source)
+    assert "1 of 7 examples of data.source cannot be used and will be skipped" in caplog.text
+    assert "images/noise.jpg" in caplog.text
+    config.data.on_bad_example = "raise"
+    with pytest.raises(ValueError, match="1 of 7 examples"):
+        check_examples(config, processor, source)
+    config.data.check_images = False
+    check_examples(config, processor, source)  # no check, no error

@@ -26,7 +26,8 @@ SHOWN = 10  # bad examples listed in a BadExamplesError message
 class BadExamplesError(ValueError):
     """Some examples of a source cannot be used; `bad` lists (sample_id, reason) for each."""
 
-    def __init__(self, bad: list[tuple[str, str]], *, source_name: str | None = None, num_examples: int | None = None):
+    def __init__(self, bad: list[tuple[str, str]], *, source_name: str | None = None, num_examples: int | None = None,
+                 skip_setting: str = "the pipeline's on_bad_example"):
         self.bad = list(bad)
         self.source_name = source_name
         self.num_examples = num_examples
@@ -39,7 +40,7 @@ class BadExamplesError(ValueError):
             f"{len(self.bad)}{of} examples of {where} cannot be used"
             + (f" (the first {SHOWN}):\n" if len(self.bad) > SHOWN else ":\n")
             + "\n".join(lines)
-            + "\nFix or remove these examples, or set the pipeline's on_bad_example to \"skip\" to leave them "
+            + f"\nFix or remove these examples, or set {skip_setting} to \"skip\" to leave them "
             "out (each epoch then reports how many it skipped, and which)."
         )
 
