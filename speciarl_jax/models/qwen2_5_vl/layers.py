@@ -77,13 +77,17 @@ def attend_cache(q, keys, values, mask, scale: float):
     kv_heads = keys.shape[1]
     if t == 1:  # a decoding step: [G, D] @ [D, S] per (row, kv head), without a query axis in the way
         q = q.reshape(b, kv_heads, h // kv_heads, d)
-        scores = jnp.einsum("bkgd,bkds->bkgs", q, keys, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask[:, :, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        scores = jnp.einsum("bkgd,bkds->bkgs", q, keys, preferred_element_type=jnp.float32)
+        probs = _masked_softmax(scores, scale, mask[:, :, None], values.dtype)
         return jnp.einsum("bkgs,bksd->bkgd", probs, values).reshape(b, 1, h * d)
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bkds->bkgts", q, keys, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    scores = jnp.einsum("btkgd,bkds->bkgts", q, keys, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(scores, scale, mask[:, None, None], values.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
     return out.reshape(b, t, h * d)
+
+
+def _masked_softmax(scores, scale: float, mask, dtype):
+    """Attention weights from float32 scores: scaled, masked (a fully masked row stays finite), normalised over
+    the last axis, cast to the values' dtype."""
+    return jax.nn.softmax(jnp.where(mask, scores * scale, _MASKED), axis=-1).astype(dtype)
