@@ -20,7 +20,7 @@ import numpy as np
 from flax import struct
 
 from .. import buckets
-from ..models.qwen2_5_vl.rope import get_position_ids
+from ..models.qwen2_5_vl.rope import prompt_positions, with_response
 
 
 @struct.dataclass
@@ -74,17 +74,10 @@ def prompt_image_offsets(prompt_ids, image_token_id: int, num_samples: int = 1) 
 
 def rollout_position_ids(config, prompt_ids, prompt_mask, image_grid_thw, response_len: int,
                          num_samples: int = 1) -> np.ndarray:
-    """[3, P * num_samples, P_len + response_len] int32 M-RoPE positions of prompt + response rows.
-
-    Response tokens are text: the j-th one sits at (real prompt length + rope delta + j) in all three
-    components, as during decoding.
-    """
-    positions, deltas = get_position_ids(prompt_ids, prompt_mask, image_grid_thw, config=config)
-    start = np.asarray(prompt_mask).sum(axis=1) + deltas
-    response = start[:, None] + np.arange(response_len)[None, :]
-    response = np.broadcast_to(response[None], (3,) + response.shape)
-    full = np.concatenate([positions, response], axis=2).astype(np.int32)
-    return np.repeat(full, num_samples, axis=1)
+    """[3, P * num_samples, P_len + response_len] int32 M-RoPE positions of prompt + response rows, where the
+    sampler put them (`rope.prompt_positions`)."""
+    positions, first = prompt_positions(prompt_ids, prompt_mask, image_grid_thw, config=config)
+    return np.repeat(with_response(positions, first, response_len), num_samples, axis=1)
 
 
 def make_rollout_batch(config, prompts: dict, responses, response_mask, advantages, *, num_samples: int,

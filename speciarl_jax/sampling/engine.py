@@ -29,7 +29,7 @@ from flax import nnx
 
 from .. import buckets, parallel
 from ..models.qwen2_5_vl.model import KVCache
-from ..models.qwen2_5_vl.rope import get_position_ids
+from ..models.qwen2_5_vl.rope import prompt_positions
 from ..models.qwen2_5_vl.text import SlotView
 from .distributions import choose_tokens, row_keys
 from .sampler import SampleOutput, Sampler, check_request, end_tokens, kv_token_bytes
@@ -191,7 +191,7 @@ class _Call:
             max_new_tokens, n, params, eos_ids, pad_id, rng)
         self.stats = EngineStats()
         # Prompts left-padded to the prompt bucket, kept on the host until admitted.
-        positions, deltas = get_position_ids(input_ids, attention_mask, image_grid_thw, config=config)
+        positions, self.next_position = prompt_positions(input_ids, attention_mask, image_grid_thw, config=config)
         real = attention_mask.sum(axis=1)
         self.batch = input_ids.shape[0]
         self.width = width = engine.high_water("prompt", buckets.round_up(input_ids.shape[1], engine.prompt_bucket))
@@ -199,7 +199,6 @@ class _Call:
         self.ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
         self.mask = np.pad(attention_mask, ((0, 0), (pad, 0)))
         self.positions = np.pad(positions, ((0, 0), (0, 0), (pad, 0)))
-        self.next_position = (real + deltas).astype(np.int32)
         self.start = (width - real).astype(np.int32)
         self.feature_offset = np.concatenate([[0], np.cumsum((self.ids == config.image_token_id).sum(axis=1))])
         # Slots, split into equal parts per batch shard; the active ones are the first `active` of each part.

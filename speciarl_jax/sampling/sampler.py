@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from .. import buckets, parallel
-from ..models.qwen2_5_vl.rope import get_position_ids
+from ..models.qwen2_5_vl.rope import prompt_positions
 from ..models.qwen2_5_vl.vision import pack_images
 from .distributions import SamplingParams, choose_tokens, row_keys
 
@@ -170,8 +170,7 @@ class Sampler:
         config = model.config
         graphdef, state = nnx.split(model)
         batch = input_ids.shape[0]
-        positions, deltas = get_position_ids(input_ids, attention_mask, image_grid_thw, config=config)
-        real = attention_mask.sum(axis=1)
+        positions, first = prompt_positions(input_ids, attention_mask, image_grid_thw, config=config)
 
         # Buckets: pad rows (all-padding prompts) and left-pad columns.
         shards = parallel.batch_shards(self.mesh)
@@ -181,7 +180,7 @@ class Sampler:
         ids = np.pad(input_ids, ((0, pad_rows), (pad_cols, 0)), constant_values=pad_id)
         mask = np.pad(attention_mask, ((0, pad_rows), (pad_cols, 0)))
         positions = np.pad(positions, ((0, 0), (0, pad_rows), (pad_cols, 0)))
-        next_position = np.pad(real + deltas, (0, pad_rows)).astype(np.int32)
+        next_position = np.pad(first, (0, pad_rows))
 
         image_features = None
         if pixel_values is not None:

@@ -78,6 +78,22 @@ def get_position_ids(
     return positions, deltas
 
 
+def prompt_positions(input_ids, attention_mask, image_grid_thw=None, *, config: Qwen25VLConfig):
+    """(positions [3, B, T] of left-padded prompts, first [B] int32): the position the first generated token of
+    each row takes in all three components, its real length plus its rope delta. Every generated token after it
+    is text and advances by one; the sampler decodes there and the update scores rollouts there
+    (`with_response`)."""
+    positions, deltas = get_position_ids(input_ids, attention_mask, image_grid_thw, config=config)
+    return positions, (np.asarray(attention_mask).sum(axis=1) + deltas).astype(np.int32)
+
+
+def with_response(positions, first, response_len: int) -> np.ndarray:
+    """[3, B, T + response_len] int32: prompt positions followed by those of `response_len` generated tokens."""
+    response = np.asarray(first)[:, None] + np.arange(response_len)[None, :]
+    response = np.broadcast_to(response[None], (3,) + response.shape)
+    return np.concatenate([positions, response], axis=2).astype(np.int32)
+
+
 def text_inv_freq(config: Qwen25VLConfig) -> np.ndarray:
     dim = config.text.head_dim
     return 1.0 / (config.text.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
