@@ -13,20 +13,8 @@ from speciarl_jax.data import BadExampleError, Example, ManifestSource, Pipeline
 from speciarl_jax.data.checking import BadExamplesError, check_source, find_bad_examples
 from speciarl_jax.data.image_ops import ImagePatcher
 from speciarl_jax.processing import Processor
-from speciarl_jax.tiny_model import build_tokenizer
 
-MIN_PIXELS, MAX_PIXELS = 28 * 28, 112 * 112
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def processor(tokenizer):
-    """Variable image sizes: the patcher's smart_resize sees each image's own aspect ratio."""
-    return Processor(tokenizer, Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS))
+from test_data_pipeline import MAX_PIXELS, MIN_PIXELS, processor, tokenizer  # noqa: F401 (shared fixtures)
 
 
 @pytest.fixture(scope="module")
