@@ -8,6 +8,7 @@ trainer is built from. Everything below the trainer takes plain arguments, never
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -17,7 +18,7 @@ from absl import logging
 from . import multihost
 from .answering import Decoding
 from .checkpoint import RunFolder
-from .data import Subset, source_from_config
+from .data import PipelineOptions, Subset, source_from_config
 from .data.checking import BadExamplesError, find_bad_examples
 from .data.synthetic import source_taxonomy
 from .models import lora
@@ -76,31 +77,38 @@ def processor_settings(config) -> dict:
 
 
 def _source(section, num_examples: int | None = None) -> dict:
-    """A source entry without its unset keys (a data_dir of None: TFDS's own default folder)."""
+    """A source entry without its unset keys (a data_dir of None or "": TFDS's own default folder)."""
     source = section.source.to_dict() if hasattr(section.source, "to_dict") else dict(section.source)
-    source = {k: v for k, v in source.items() if v is not None}
+    source = {k: v for k, v in source.items() if v is not None and v != ""}
     if num_examples is not None:
         source["num_examples"] = num_examples
     return source
 
 
+# Pipeline options a data section may also set (read_threads, prefetch, ...); the rest data_settings decides.
+_PASSED_THROUGH = tuple(f.name for f in dataclasses.fields(PipelineOptions)
+                        if f.name not in ("batch_size", "seed", "shuffle", "num_epochs", "remainder", "prompt",
+                                          "system_prompt", "pad_to_multiple_of", "process_index", "process_count"))
+
+
 def data_settings(config, use: str) -> dict:
     """What `data.config.pipeline_from_config` takes to read `use`'s data on this process: "rl" (generation
     batches, repeated for ever; the trainer counts epochs), "sft" (its own batch size, another shuffle) or
-    "eval" (the held-out set, once, in order, the last batch padded)."""
+    "eval" (the held-out set, once, in order, the last batch padded; every example read, in this process, so
+    that every process runs the same number of batches)."""
     d, processes = config.data, jax.process_count()
-    common = dict(prompt=d.prompt, system_prompt=d.system_prompt or None, pad_to_multiple_of=d.pad_to_multiple_of,
-                  worker_count=d.worker_count, on_bad_example=d.get("on_bad_example", "raise"))
-    if use == "rl":
-        return dict(common, source=_source(d), seed=d.seed, num_epochs=None,
-                    batch_size=generation_batch_size(config) // processes)
-    if use == "sft":
-        return dict(common, source=_source(d), seed=config.seed + 1, num_epochs=None,
-                    batch_size=config.sft.batch_size // processes)
+    question = dict(prompt=d.prompt, system_prompt=d.system_prompt or None, pad_to_multiple_of=d.pad_to_multiple_of)
     if use == "eval":
         e = config.eval
-        return dict(common, source=_source(e, e.num_examples), num_epochs=1, shuffle=False, remainder="pad",
+        return dict(question, source=_source(e, e.num_examples), num_epochs=1, shuffle=False, remainder="pad",
                     batch_size=e.batch_size // processes)
+    training = dict(question, **{k: d[k] for k in _PASSED_THROUGH if d.get(k) is not None})
+    if use == "rl":
+        return dict(training, source=_source(d), seed=d.seed, num_epochs=None,
+                    batch_size=generation_batch_size(config) // processes)
+    if use == "sft":
+        return dict(training, source=_source(d), seed=config.seed + 1, num_epochs=None,
+                    batch_size=config.sft.batch_size // processes)
     raise ValueError(f"data_settings: use must be 'rl', 'sft' or 'eval', got {use!r}")
 
 
@@ -174,10 +182,29 @@ def prepare_model(config, run: RunFolder) -> str:
     return config.model.path
 
 
+# Settings left unset to be derived; before the config's one convention, 0 (or (0, 0)) spelled that.
+_DERIVED_SIZES = {
+    "data.generation_batch_size": "data.batch_size", "data.min_pixels": "the model's own bound",
+    "data.max_pixels": "the model's own bound", "data.image_size": "each image's own size",
+    "eval.num_examples": "the whole split", "eval.max_new_tokens": "rollout.max_new_tokens",
+    "rl.mini_batch_size": "every rollout of a step", "rl.micro_batch_size": "no cap on rows",
+    "rl.max_response_len": "the batch's response width", "device_memory_gb": "what the device reports",
+}
+
+
+def _unset_spelled_as_zero(config):
+    for key, meaning in _DERIVED_SIZES.items():
+        section, _, name = key.rpartition(".")
+        value = (config[section] if section else config).get(name)
+        if value is not None and not (all(value) if isinstance(value, (tuple, list)) else value):
+            yield key, meaning, value
+
+
 def validate(config, process_count: int = 1) -> None:
     """Raise ConfigError naming every setting that cannot work (they would otherwise surface after minutes of
     loading and compilation)."""
-    problems = []
+    problems = [f"{key} {value!r}: not a size; leave it unset (None) for {meaning}"
+                for key, meaning, value in _unset_spelled_as_zero(config)]
     for name, size in (("data.batch_size", config.data.batch_size), ("eval.batch_size", config.eval.batch_size),
                        ("sft.batch_size", config.sft.batch_size)):
         if size % process_count:

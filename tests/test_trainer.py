@@ -433,3 +433,16 @@ def test_bad_images_skipped_when_asked_are_counted(tmp_path, caplog):
         check_examples(config, processor, source)
     config.data.check_images = False
     check_examples(config, processor, source)  # no check, no error
+
+
+def test_a_size_spelled_as_zero_is_refused_with_the_convention():
+    """Derived settings are unset (None); a 0 (the old spelling) names the setting instead of changing meaning."""
+    from speciarl_jax.training_config import ConfigError, validate
+
+    config = demo_config()
+    config.update_from_flattened_dict({"data.min_pixels": 0, "data.image_size": (0, 0), "eval.num_examples": 0})
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    for key in ("data.min_pixels 0", "data.image_size (0, 0)", "eval.num_examples 0"):
+        assert f"{key}: not a size; leave it unset (None)" in str(err.value)
+    validate(demo_config())  # the shipped config passes

@@ -59,7 +59,8 @@ class RolloutMaker:
     def __call__(self, model, prompts, rng, timings: dict[str, float]) -> Rollouts:
         start = time.perf_counter()
         answers = ask(self.sampler, model, self.processor, prompts.model_inputs(), self.decoding, rng)
-        timings["generate"] += time.perf_counter() - start
+        timings["generate"] += answers.generate_seconds
+        timings["verify"] += time.perf_counter() - start - answers.generate_seconds  # decoding and parsing
         start = time.perf_counter()
         group_ids = answers.group_ids
         categories = self.grade(answers.pairs(prompts.labels), group_ids)
