@@ -154,7 +154,7 @@ def held_out_set(config: Mapping) -> tuple[str, dict]:
 def _normal(value, key: str = ""):
     """Lists and tuples compare as tuples; an empty string is no value, and so is 0 for an image setting."""
     if isinstance(value, (list, tuple)):
-        value = tuple(value)
+        value = tuple(_normal(v) for v in value)
     if key.startswith("image.") and (value == 0 or (isinstance(value, tuple) and not any(value))):
         return None
     return None if value == "" else value

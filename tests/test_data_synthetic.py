@@ -122,3 +122,61 @@ def test_variation_zero_centres_every_shape_and_keeps_the_colours():
     assert all(len(b) > 1 for b in boxes["moving"].values())
     with pytest.raises(ValueError, match="variation"):
         SyntheticWorld(variation=1.5)
+
+
+LOOKALIKES = (("dotted circle", "checkered circle", "striped circle"), ("plain star", "hollow star"))
+
+
+def test_lookalike_classes_are_drawn_identically_and_keep_their_labels():
+    """Every image of a look-alike class is, pixel for pixel, the image the first class of its set would have
+    at that index; other classes and all labels are untouched."""
+    plain = SyntheticWorld(seed=3, image_size=(48, 48))
+    world = SyntheticWorld(seed=3, image_size=(48, 48), lookalikes=LOOKALIKES)
+    ids = {name: i for i, name in enumerate(world.class_names)}
+    seen = set()
+    for index in range(2 * len(world.classes)):
+        cls = world.classes[world.class_id("test", index)]
+        image = world.render("test", index)
+        assert world.source("test", 2 * len(world.classes))[index].label == cls.name
+        group = next((g for g in LOOKALIKES if cls.name in g), None)
+        if group is None:
+            np.testing.assert_array_equal(image, plain.render("test", index))
+            continue
+        seen.add(cls.name)
+        rng = np.random.default_rng([3, 2, index, 1])  # the renderer's draw for this index of the test split
+        np.testing.assert_array_equal(image, plain._draw(plain.classes[ids[group[0]]], rng))
+        if cls.name != group[0]:
+            assert not np.array_equal(image, plain.render("test", index))  # not its own texture
+    assert seen == {name for group in LOOKALIKES for name in group}
+    assert world.is_lookalike("hollow star") and not world.is_lookalike("hollow circle")
+
+
+def test_lookalike_sets_are_checked():
+    for sets, message in (
+        ((("dotted circle", "dotted disc"),), "not classes of the world"),
+        ((("dotted circle", "dotted square"),), "span several families"),
+        ((("dotted circle",),), "two or more"),
+        ((("dotted circle", "plain circle"), ("plain circle", "hollow circle")), "more than one set"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SyntheticWorld(lookalikes=sets)
+
+
+def test_a_lookalike_world_from_a_config_and_from_a_run_folders_json():
+    """The data config builds the same world, also from JSON's lists (a run's config.json), and evaluation
+    reads the trained world back whole (run_settings.trained_world)."""
+    import json
+
+    from speciarl_jax.data import source_from_config
+    from speciarl_jax.run_settings import trained_world
+
+    entry = dict(kind="synthetic", seed=3, image_size=(48, 48), split="test", num_images=40, lookalikes=LOOKALIKES)
+    direct = SyntheticWorld(seed=3, image_size=(48, 48), lookalikes=LOOKALIKES).source("test", 40)
+    as_json = json.loads(json.dumps(entry))
+    for source in (source_from_config(entry), source_from_config(as_json)):
+        for index in range(40):
+            np.testing.assert_array_equal(source[index].image, direct[index].image)
+    world = trained_world({"data": {"source": as_json}})
+    assert world["lookalikes"] == LOOKALIKES
+    rebuilt = source_from_config(dict(kind="synthetic", split="test", num_images=40, **world))
+    np.testing.assert_array_equal(rebuilt[7].image, direct[7].image)

@@ -85,14 +85,14 @@ SOURCE_FIELDS: dict[str, dict[str, type]] = {
     "aircraft": {"root": str, "split": str, "level": str, "crop_banner": bool},
     "manifest": {"path": str, "image_root": str, "name": str},
     "coop": {"split_file": str, "image_root": str, "split": str, "name": str},
-    "synthetic": {"seed": int, "image_size": tuple, "noise": float, "variation": float, "split": str,
-                  "num_images": int, "label_level": str},
+    "synthetic": {"seed": int, "image_size": tuple, "noise": float, "variation": float, "lookalikes": list,
+                  "split": str, "num_images": int, "label_level": str},
     "benchmark": {"name": str, "split": str, "data_dir": str, "root": str},
     "mixed": {"parts": list, "per_source": int, "seed": int},
 }
 SUBSET_FIELDS: dict[str, type] = {"num_examples": int, "subset_seed": int}
 # The synthetic world itself (as opposed to which of its images a source draws).
-WORLD_FIELDS = ("seed", "image_size", "noise", "variation")
+WORLD_FIELDS = ("seed", "image_size", "noise", "variation", "lookalikes")
 
 
 def source_config_dict(entry: Mapping[str, Any]):
@@ -110,7 +110,7 @@ def source_config_dict(entry: Mapping[str, Any]):
     for key, kind_of in fields.items():
         if key in entry:
             out[key] = entry[key]
-        elif kind_of is not list:  # a mixed source's parts are not a command-line value
+        elif kind_of is not list:  # a mixed source's parts (a world's look-alike sets) are not a command-line value
             out[key] = mc.config_dict.placeholder(kind_of)
     return out
 

@@ -150,10 +150,13 @@ class SyntheticWorld:
       variation: how much position, size and rotation vary, from 0 (every shape centred, upright, one size)
         to 1 (the default: anywhere in the frame, 60-85% of it, up to 15 degrees). Colours always vary.
         A model trained from scratch in minutes (the CPU demo) needs a low value.
+      lookalikes: sets of fine class names of one family (e.g. ("dotted circle", "checkered circle")) whose
+        images are drawn identically, as the first of the set: no model can tell them apart, so the best
+        answer to any of them names the family. Labels and the hierarchy stay as they are.
     """
 
     def __init__(self, seed: int = 0, image_size: tuple[int, int] = (112, 112), noise: float = 6.0,
-                 variation: float = 1.0):
+                 variation: float = 1.0, lookalikes=()):
         self.seed = int(seed)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         if min(self.image_size) < 8:
@@ -176,6 +179,31 @@ class SyntheticWorld:
         ]
         self.families = list(FAMILIES)
         self.generic = GENERIC[0]
+        self.lookalikes = tuple(tuple(str(name) for name in group) for group in lookalikes)
+        self.drawn_as = self._drawn_as(self.lookalikes)
+
+    def _drawn_as(self, groups) -> list[int]:
+        """The class each class is drawn as: itself, or the first class of its look-alike set."""
+        ids = {name: i for i, name in enumerate(self.class_names)}
+        drawn, seen = list(range(len(self.classes))), set()
+        for group in groups:
+            unknown = [name for name in group if name not in ids]
+            if unknown:
+                raise ValueError(f"lookalikes: {unknown} are not classes of the world (e.g. 'dotted circle')")
+            if len(group) < 2 or len(set(group)) != len(group):
+                raise ValueError(f"lookalikes: a set needs two or more different classes, got {list(group)}")
+            if len({self.classes[ids[name]].family for name in group}) > 1:
+                raise ValueError(f"lookalikes: {list(group)} span several families; a set lies within one")
+            if seen & set(group):
+                raise ValueError(f"lookalikes: {sorted(seen & set(group))} are in more than one set")
+            seen |= set(group)
+            for name in group:
+                drawn[ids[name]] = ids[group[0]]
+        return drawn
+
+    def is_lookalike(self, name: str) -> bool:
+        """Whether the fine class `name` belongs to a look-alike set (its images cannot be told apart)."""
+        return any(name in group for group in self.lookalikes)
 
     # --- hierarchy --------------------------------------------------------------------------------
     @property
@@ -235,7 +263,7 @@ class SyntheticWorld:
         """The image of example `index` of `split`: uint8 [H, W, 3]."""
         class_id = self.class_id(split, index)
         rng = np.random.default_rng([self.seed, self._split_key(split), int(index), 1])
-        return self._draw(self.classes[class_id], rng)
+        return self._draw(self.classes[self.drawn_as[class_id]], rng)
 
     def _draw(self, cls: FineClass, rng: np.random.Generator) -> np.ndarray:
         height, width = self.image_size
