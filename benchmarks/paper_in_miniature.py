@@ -1,19 +1,28 @@
-"""The paper's experiment in miniature: does the SpeciaRL reward beat static rewards, on CPU, in one command?
+"""The paper's experiment in miniature, in a world where the ideal answer is known: does the SpeciaRL reward
+make a model answer finely where it can see the fine class and stay at the family where it cannot, while static
+rewards push guesses everywhere? On CPU, in one command.
 
     python benchmarks/paper_in_miniature.py            # the full comparison (under an hour on 2 CPU cores)
-    python benchmarks/paper_in_miniature.py --quick    # the whole pipeline in a couple of minutes (smoke test)
-    python benchmarks/paper_in_miniature.py --report_only   # rebuild the table and plot from finished runs
+    python benchmarks/paper_in_miniature.py --quick    # the whole pipeline in a few minutes (smoke test)
+    python benchmarks/paper_in_miniature.py --report_only   # rebuild the tables and plot from finished runs
 
-What it runs, every run through `speciarl_jax.trainer.Trainer` with a config from `configs/miniature.py`:
-  1. the warm start, once: the demo's SFT (tiny random model, mixed answer levels) -> <out>/warm/sft_model, a
-     Hugging Face folder, evaluated on the held-out images (the "warm start" row);
-  2. RL from that folder with (a) the SpeciaRL best-prediction reward, (b) the static binary reward3 and (c) the
-     static scala1 table, each with GRPO, Dr.GRPO and DAPO, each with seeds 0, 1, 2;
-  3. (d) plain SFT on the fine labels from the same folder, for as many trained rows as an RL run has rollouts,
+The world (`configs/miniature.py`): the demo's synthetic shapes with look-alike sets, fine classes of one family
+drawn identically, so that half of the images show their fine class ("perceivable") and half do not
+("look-alike"). The ideal policy answers the fine class of a perceivable image and the family of a look-alike
+one: C = 1, and its S follows from the share of perceivable images.
+
+What it runs, every run through `speciarl_jax.trainer.Trainer`:
+  1. the warm start, once, in two phases: SFT on the fine labels (to see) -> <out>/warm_fine/sft_model, then
+     SFT at the demo's mixed answer levels (to answer as LMMs do) -> <out>/warm/sft_model; Best-of-64 on the
+     warm start (the paper's premise analysis: what the model can find when asked 64 times);
+  2. RL from the warm start with (a) the SpeciaRL best-prediction reward, (b) the static binary reward3 and (c)
+     the static scala1 table, each with GRPO, Dr.GRPO and DAPO, each with seeds 0, 1, 2;
+  3. (d) plain SFT on the fine labels from the warm start, for as many trained rows as an RL run has rollouts,
      seeds 0, 1, 2.
-Every run is evaluated with greedy decoding and the rule verifier on the same held-out images of the synthetic
-world (`Trainer.evaluate`). A seed sets `config.seed` (the sampling RNG, SFT's answer levels and SFT's data
-order) and `data.seed` (the order of the RL prompts).
+Every run is evaluated with greedy decoding and the rule verifier on the same held-out images
+(`Trainer.evaluate`), on all of them and on each subset, and compared with the ideal policy (the total
+variation distance between its category shares and the ideal's, per subset). A seed sets `config.seed` (the
+sampling RNG, SFT's answer levels and data order) and `data.seed` (the order of the RL prompts).
 
 Every run has its own folder under <out>/runs/; its `result.json` marks it done, so a killed script is
 restarted with the same command and skips finished runs (an unfinished RL run resumes from its checkpoint).
@@ -23,9 +32,9 @@ fresh --out after changing configs/miniature.py or configs/demo.py.
 The runs share JAX's persistent compilation cache (<out>/compile_cache): programs compiled by one run are
 read back by the next instead of being compiled again.
 
-Output: <report>.md (the paper-style table: category shares, C, S, HM, mean +- 95% t-interval across seeds, per
-method x optimizer, plus the warm-start and SFT rows, wall times), <report>.png (correctness against
-specificity) and <report>.json (every run's numbers and the aggregated rows).
+Output: <report>.md (tables of category shares, C, S, HM and both specificity definitions, mean +- 95%
+t-interval across seeds, per method x optimizer, on all images and per subset, against the ideal; wall
+times), <report>.png (correctness against specificity) and <report>.json (every run's numbers and the rows).
 """
 
 from __future__ import annotations
@@ -56,9 +65,14 @@ METHODS = {
     "scala1": dict(kind="static", table="scala1"),
 }
 METHOD_LABELS = {"speciarl": "SpeciaRL (best prediction)", "reward3": "static reward3 (binary)",
-                 "scala1": "static scala1", "sft": "SFT on fine labels", "warm": "warm start"}
+                 "scala1": "static scala1", "sft": "SFT on fine labels", "warm": "warm start",
+                 "warm_fine": "warm start, phase 1", "best_of": "warm start, Best-of-N", "ideal": "ideal policy"}
 OPTIMIZERS = ("grpo", "drgrpo", "dapo")
-OPTIMIZER_LABELS = {"grpo": "GRPO", "drgrpo": "Dr.GRPO", "dapo": "DAPO", "sft": "SFT", "warm": "warm start"}
+OPTIMIZER_LABELS = {"grpo": "GRPO", "drgrpo": "Dr.GRPO", "dapo": "DAPO", "sft": "SFT", "warm": "warm start",
+                    "ideal": "-"}
+SUBSETS = ("perceivable", "lookalike")
+SUBSET_LABELS = {"perceivable": "perceivable images (the fine class can be seen)",
+                 "lookalike": "look-alike images (only the family can be seen)"}
 # Table columns: the categories in the paper's order, then answers that could not be parsed.
 SHARE_COLUMNS = (cat.SPECIFIC, cat.MORE_SPECIFIC, cat.LESS_SPECIFIC, cat.GENERIC, cat.WRONG, cat.ABSTAIN,
                  cat.PARSE_FAILURE)
@@ -73,7 +87,7 @@ T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 
 
 # --quick: the whole pipeline at smoke-test size.
 QUICK = dict(rl_steps=2, batch_size=4, num_samples=4, mini_batch_size=16, eval_images=16, eval_batch=16,
-             warm_sft_steps=8, seeds=(0,), optimizers=("grpo",))
+             warm_fine_steps=8, warm_mixed_steps=4, best_of=4, seeds=(0,), optimizers=("grpo",))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,26 +120,29 @@ def base_config(quick: bool = False):
         c.rl.mini_batch_size = q["mini_batch_size"]
         c.eval.source.num_images = q["eval_images"]
         c.eval.batch_size = q["eval_batch"]
-        c.sft.steps = q["warm_sft_steps"]
     return c
 
 
-def warm_config(base, out: str):
-    """The demo's warm start (configs/demo.py as it stands, SFT only, no RL steps) -> <out>/warm/sft_model.
-
-    Only the evaluation (and, with --quick, the SFT length) comes from `base`, so changing the RL knobs of
+def warm_configs(base, out: str, quick: bool = False):
+    """The warm start's two phases, SFT only: fine labels -> <out>/warm_fine, then the demo's mixed answer levels
+    from there -> <out>/warm. World and evaluation come from `base`, so changing the RL knobs of
     configs/miniature.py leaves a finished warm start valid."""
     from speciarl_jax.configs.demo import get_config as demo_config
 
-    c = demo_config()
-    c.eval = base.eval.copy_and_resolve_references()
-    c.sft.steps = base.sft.steps
-    c.name = "miniature_warm"
-    c.compilation_cache_dir = ""
-    c.run_dir = os.path.join(out, "warm")
-    c.steps = 0
-    c.epochs = 0
-    return c
+    steps = (QUICK["warm_fine_steps"], QUICK["warm_mixed_steps"]) if quick else (miniature.WARM_FINE_STEPS,
+                                                                              miniature.WARM_MIXED_STEPS)
+    fine = demo_config()
+    fine.data.source = base.data.source.copy_and_resolve_references()
+    fine.eval = base.eval.copy_and_resolve_references()
+    fine.name, fine.run_dir, fine.compilation_cache_dir = "miniature_warm_fine", os.path.join(out, "warm_fine"), ""
+    fine.steps = fine.epochs = 0
+    fine.sft.steps, fine.sft.levels = steps[0], (1.0, 0.0, 0.0)
+    mixed = _from_warm_start(fine, os.path.join(fine.run_dir, "sft_model"), 0, os.path.join(out, "warm"))
+    mixed.name = "miniature_warm"
+    mixed.sft.steps, mixed.sft.levels = steps[1], demo_config().sft.levels
+    mixed.sft.learning_rate = miniature.WARM_MIXED_LEARNING_RATE
+    mixed.sft.warmup_steps = min(mixed.sft.warmup_steps, steps[1] - 1)
+    return fine, mixed
 
 
 def _from_warm_start(base, warm_model: str, seed: int, run_dir: str):
@@ -174,8 +191,8 @@ def plan(out: str, *, quick: bool = False, seeds=None, optimizers=None, methods=
     seeds = tuple(seeds if seeds is not None else (QUICK["seeds"] if quick else miniature.SEEDS))
     optimizers = tuple(optimizers or (QUICK["optimizers"] if quick else OPTIMIZERS))
     methods = tuple(methods or METHODS)
-    warm = warm_config(base, out)
-    runs = [Run("warm", "warm", "warm", 0, warm)]
+    fine, warm = warm_configs(base, out, quick)
+    runs = [Run("warm_fine", "warm_fine", "warm", 0, fine), Run("warm", "warm", "warm", 0, warm)]
     warm_model = os.path.join(warm.run_dir, "sft_model")
     for method in methods:
         for optimizer in optimizers:
@@ -285,11 +302,19 @@ def execute(run: Run) -> dict:
         print(f"[{run.name}] {stopped}", flush=True)
     trained = time.perf_counter()
     trainer.config.eval.enabled = True
-    metrics = trainer.evaluate(prefix="")
+    subsets = subset_of(config)
+    metrics = with_distance_to_ideal(trainer.evaluate(prefix="", subsets=subsets), ideal_report(config))
+    extra = {}
+    if run.method == "warm":  # the paper's premise analysis: what the warm start finds when asked N times
+        best_of = QUICK["best_of"] if config.sft.steps == QUICK["warm_mixed_steps"] else miniature.BEST_OF
+        extra["best_of"] = with_distance_to_ideal(trainer.evaluate(prefix="", subsets=subsets, best_of=best_of),
+                                                  ideal_report(config))
+        extra["best_of_n"] = best_of
+        extra["ideal"] = ideal_report(config)
     done = time.perf_counter()
     result = {
         "name": run.name, "method": run.method, "optimizer": run.optimizer, "seed": run.seed,
-        "eval": metrics, "rl_steps_done": trainer.step, "stopped": stopped,
+        "eval": metrics, **extra, "rl_steps_done": trainer.step, "stopped": stopped,
         "wall_s": done - start, "build_s": built - start, "train_s": trained - built, "eval_s": done - trained,
         **step_times(run.run_dir), "config": config_record(run.config),
     }
@@ -301,6 +326,48 @@ def execute(run: Run) -> dict:
         json.dump(result, f, indent=2)
     os.replace(tmp, result_path(run))
     return result
+
+
+def _world(config):
+    from speciarl_jax.data.config import WORLD_FIELDS
+    from speciarl_jax.data.synthetic import SyntheticWorld
+
+    source = config.eval.source.to_dict()
+    return SyntheticWorld(**{k: source[k] for k in WORLD_FIELDS if k in source})
+
+
+def subset_of(config):
+    """label -> "perceivable" or "lookalike", in the held-out world of `config`."""
+    world = _world(config)
+    return lambda label: "lookalike" if world.is_lookalike(label) else "perceivable"
+
+
+def ideal_report(config) -> dict:
+    """The ideal policy's report on the held-out images: the fine class where it can be seen, the family where
+    it cannot (graded "specific" and "less specific")."""
+    from speciarl_jax.metrics import batch_report
+
+    world, n = _world(config), int(config.eval.source.num_images)
+    labels = [world.label(world.class_id(config.eval.source.split, i)) for i in range(n)]
+    subsets = subset_of(config)
+    verdict = {"perceivable": cat.SPECIFIC, "lookalike": cat.LESS_SPECIFIC}
+    categories = [verdict[subsets(label)] for label in labels]
+    report = batch_report(categories)
+    for name in SUBSETS:
+        chosen = [c for c, label in zip(categories, labels) if subsets(label) == name]
+        report.update(batch_report(chosen, f"{name}/"))
+        report[f"{name}/images"] = len(chosen)
+    return report
+
+
+def with_distance_to_ideal(report: dict, ideal: dict) -> dict:
+    """`report` plus, for all images and each subset, the total variation distance between its category shares
+    and the ideal policy's (0: answers exactly as the ideal; 1: no category in common)."""
+    out = dict(report)
+    for prefix in ("",) + tuple(f"{name}/" for name in SUBSETS):
+        out[f"{prefix}tv_to_ideal"] = 0.5 * sum(abs(report.get(f"{prefix}share/{c}", 0.0)
+                                                    - ideal.get(f"{prefix}share/{c}", 0.0)) for c in SHARE_COLUMNS)
+    return out
 
 
 def run_all(runs: list[Run], *, log=print) -> list[dict]:
@@ -335,23 +402,33 @@ def t_interval(values) -> tuple[float, float, float]:
 
 
 def aggregate(results: list[dict]) -> list[dict]:
-    """One row per (method, optimizer), RL rows first, then SFT, then the warm start: the mean and t-interval
-    across seeds of every share and of C, S, HM, in the row format of `speciarl_jax.reports` (model = method,
+    """One row per (method, optimizer), RL rows first, then SFT, the warm start (both phases), its Best-of-N and
+    the ideal policy: the mean and t-interval across seeds of every number of the evaluation (shares, C, S, HM,
+    per subset, distance to the ideal), in the row format of `speciarl_jax.reports` (model = method,
     dataset = optimizer, <key>_low / <key>_high = the interval)."""
-    order = [(m, o) for m in METHODS for o in OPTIMIZERS] + [("sft", "sft"), ("warm", "warm")]
+    order = [(m, o) for m in METHODS for o in OPTIMIZERS] + [("sft", "sft"), ("warm_fine", "warm"), ("warm", "warm"),
+                                                             ("best_of", "warm"), ("ideal", "ideal")]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["method"], r["optimizer"]), []).append(r)
+        if "best_of" in r:
+            groups.setdefault(("best_of", "warm"), []).append(dict(r, eval=r["best_of"]))
+        if "ideal" in r:
+            groups.setdefault(("ideal", "ideal"), []).append(dict(r, eval=r["ideal"], wall_s=0.0))
     rows = []
     for key in sorted(groups, key=lambda k: order.index(k) if k in order else len(order)):
         members = sorted(groups[key], key=lambda r: r["seed"])
-        row = {"model": METHOD_LABELS.get(key[0], key[0]), "selection": "greedy",
+        label = METHOD_LABELS.get(key[0], key[0])
+        if key[0] == "best_of":
+            label = label.replace("N", str(members[0].get("best_of_n", "N")))
+        row = {"model": label, "selection": "best-of-n" if key[0] == "best_of" else "greedy",
                "dataset": OPTIMIZER_LABELS.get(key[1], key[1]), "method": key[0], "optimizer": key[1],
                "seeds": [r["seed"] for r in members], "n": len(members),
                "wall_s_mean": float(np.mean([r["wall_s"] for r in members])),
                "stopped_runs": sum(bool(r.get("stopped")) for r in members)}
-        for metric in METRICS + ("score",) + tuple(f"share/{c}" for c in SHARE_COLUMNS):
-            mean, low, high = t_interval([r["eval"].get(metric, 0.0 if metric.startswith("share/") else math.nan)
+        keys = {k for r in members for k, v in r["eval"].items() if isinstance(v, (int, float))}
+        for metric in sorted(keys | set(f"share/{c}" for c in SHARE_COLUMNS)):
+            mean, low, high = t_interval([r["eval"].get(metric, 0.0 if "share/" in metric else math.nan)
                                           for r in members])
             row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean, low, high
         batches = [r["dapo_generation_batches_mean"] for r in members if "dapo_generation_batches_mean" in r]
@@ -371,16 +448,17 @@ def _pm(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
     return f"{text} ± {scale * (high - value):.{digits}f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The paper-style table: shares in %, C / S / HM, each mean ± half-width of the 95% t-interval across
-    seeds (the warm start is one model: no interval)."""
+def markdown_table(rows: list[dict], prefix: str = "") -> str:
+    """The paper-style table over the images `prefix` names ("" all, "perceivable/", "lookalike/"): shares in %,
+    C / S / HM (S among correct answers, S_all among all), and the distance to the ideal policy, each mean ±
+    half-width of the 95% t-interval across seeds (a single model has no interval)."""
     head = ["method", "optimizer", "seeds"] + [f"{reports.SHORT[c]} %" for c in SHARE_COLUMNS]
-    head += [METRIC_LABELS[m] for m in METRICS]
+    head += [METRIC_LABELS[m] for m in METRICS] + ["TV to ideal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["--:"] * (len(head) - 3)) + "|"]
     for r in rows:
         cells = [r["model"], r["dataset"], str(r["n"])]
-        cells += [_pm(r, f"share/{c}", 100, 1) for c in SHARE_COLUMNS]
-        cells += [_pm(r, m) for m in METRICS]
+        cells += [_pm(r, f"{prefix}share/{c}", 100, 1) for c in SHARE_COLUMNS]
+        cells += [_pm(r, f"{prefix}{m}") for m in METRICS] + [_pm(r, f"{prefix}tv_to_ideal")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -400,14 +478,15 @@ def timing_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ranking_lines(rows: list[dict]) -> list[str]:
-    """Per optimizer, the methods by mean HM (computed from the table, no judgement)."""
+def ranking_lines(rows: list[dict], key: str = "hm", reverse: bool = True) -> list[str]:
+    """Per optimizer, the methods by mean `key` (computed from the table, no judgement)."""
     out = []
     for optimizer in OPTIMIZERS:
-        members = sorted((r for r in rows if r["optimizer"] == optimizer), key=lambda r: -r["hm"])
+        members = sorted((r for r in rows if r["optimizer"] == optimizer and key in r),
+                         key=lambda r: -r[key] if reverse else r[key])
         if members:
-            out.append(f"- {OPTIMIZER_LABELS[optimizer]}: " + " > ".join(
-                f"{r['method']} {r['hm']:.3f}" for r in members))
+            out.append(f"- {OPTIMIZER_LABELS[optimizer]}: " + (" > " if reverse else " < ").join(
+                f"{r['method']} {r[key]:.3f}" for r in members))
     return out
 
 
@@ -428,8 +507,11 @@ def write_report(results: list[dict], report: str, *, settings: dict, wall_s: fl
         "",
         "Generated by `benchmarks/paper_in_miniature.py`"
         + (" --quick (smoke-test sizes: the numbers mean nothing)" if settings.get("quick") else "") + ".",
-        f"Warm start: the demo's SFT ({settings['warm_sft_steps']} steps, answer levels label/family/generic "
-        f"{settings['warm_sft_levels']}); RL: {settings['rl_steps']} steps x {settings['batch_size']} prompts x "
+        f"World: the demo's shapes with look-alike sets ({settings['lookalike_classes']} of 30 fine classes drawn "
+        "identically within their set). "
+        f"Warm start: SFT on the fine labels ({settings['warm_fine_steps']} steps), then at the answer levels "
+        f"label/family/generic {settings['warm_sft_levels']} ({settings['warm_mixed_steps']} steps); "
+        f"RL: {settings['rl_steps']} steps x {settings['batch_size']} prompts x "
         f"{settings['num_samples']} rollouts; "
         + (f"SFT baseline: {settings['sft_steps']} steps x {settings['sft_batch_size']} fine labels; "
            if settings.get("sft_steps") else "")
@@ -440,6 +522,12 @@ def write_report(results: list[dict], report: str, *, settings: dict, wall_s: fl
         "is the mean ± the half-width of the 95% Student-t interval across seeds (the warm start is a single "
         f"model). For scale, one run's image-sampling noise on {eval_images} images is about "
         f"±{1.96 * math.sqrt(0.25 / eval_images):.3f} for a share near 0.5.",
+        "The ideal policy answers the fine class of every perceivable image and the family of every look-alike "
+        "one; TV to ideal is the total variation distance between a run's category shares and the ideal's (0: "
+        "the ideal's answers; 1: nothing in common). The Best-of-N row keeps, per image, the best of N sampled "
+        "answers of the warm start.",
+        "",
+        "## All held-out images",
         "",
         markdown_table(rows),
         "Mean HM per optimizer, highest first:",
@@ -447,6 +535,12 @@ def write_report(results: list[dict], report: str, *, settings: dict, wall_s: fl
         *ranking_lines(rows),
         "",
     ]
+    for name in SUBSETS:
+        count = next((r.get(f"{name}/images") for r in rows if r.get(f"{name}/images")), None)
+        lines += [f"## {SUBSET_LABELS[name][0].upper()}{SUBSET_LABELS[name][1:]}"
+                  + (f": {count:.0f} images" if count else ""), "", markdown_table(rows, f"{name}/"),
+                  "Distance to the ideal per optimizer, closest first:", "",
+                  *ranking_lines(rows, f"{name}/tv_to_ideal", reverse=False), ""]
     stopped = [r for r in results if r.get("stopped")]
     if stopped:
         lines += ["Runs stopped early (evaluated as they stood):", ""]
@@ -477,10 +571,12 @@ def write_report(results: list[dict], report: str, *, settings: dict, wall_s: fl
 
 
 def settings_of(runs: list[Run], quick: bool) -> dict:
-    warm = runs[0].config
+    fine, warm = runs[0].config, runs[1].config
     rl = next((r.config for r in runs if r.method in METHODS), warm)
     sft = next((r.config for r in runs if r.method == "sft"), None)
-    return {"quick": quick, "warm_sft_steps": warm.sft.steps, "warm_sft_levels": list(warm.sft.levels),
+    return {"quick": quick, "warm_fine_steps": fine.sft.steps, "warm_mixed_steps": warm.sft.steps,
+            "warm_sft_levels": list(warm.sft.levels), "best_of": QUICK["best_of"] if quick else miniature.BEST_OF,
+            "lookalike_classes": sum(len(g) for g in miniature.LOOKALIKES),
             "rl_steps": rl.steps, "batch_size": rl.data.batch_size, "num_samples": rl.rollout.num_samples,
             "eval_images": warm.eval.source.num_images, "sft_steps": sft.sft.steps if sft else 0,
             "sft_batch_size": sft.sft.batch_size if sft else 0,

@@ -36,7 +36,7 @@ from .answering import ask
 from .checkpoint import Checkpointer, RunFolder
 from .data.config import pipeline_from_config
 from .metric_writers import MetricWriter, summary_line
-from .metrics import batch_report
+from .metrics import batch_report, best_of_n
 from .models import lora
 from .models.qwen2_5_vl import Qwen25VLConfig, from_pretrained, save_pretrained, set_attention_implementation
 from .processing import Processor
@@ -278,17 +278,39 @@ class Trainer:
 
     # ---- evaluation ----
 
-    def evaluate(self, prefix: str = "eval/") -> dict:
-        """Greedy answers to the held-out set, graded: category shares and C / S / HM under `prefix`."""
+    def evaluate(self, prefix: str = "eval/", *, subsets=None, best_of: int = 1) -> dict:
+        """Answers to the held-out set, graded: category shares and C / S / HM under `prefix`.
+
+        Greedy answers by default; with `best_of` n > 1, n sampled answers per image (the rollouts' sampling)
+        and the best of them (`metrics.best_of_n`), the paper's Best-of-N. `subsets` (label -> a subset name)
+        adds the same report for each subset of images under `<prefix><name>/`, with its image count.
+        """
         if not self.config.eval.enabled:
             return {}
-        decoding, categories = eval_decoding(self.config), []
-        for batch in pipeline_from_config(data_settings(self.config, "eval"), self.processor):
+        if best_of > 1:
+            decoding = dataclasses.replace(rollout_decoding(self.config), num_samples=best_of)
+        else:
+            decoding = eval_decoding(self.config)
+        rng = jax.random.key(self.config.seed) if best_of > 1 else None
+        labels, categories = [], []
+        for index, batch in enumerate(pipeline_from_config(data_settings(self.config, "eval"), self.processor)):
             batch = multihost.gather_batch(batch, self.processor.pad_token_id)
-            answers = ask(self.sampler, self.model, self.processor, batch.model_inputs(), decoding)
+            answers = ask(self.sampler, self.model, self.processor, batch.model_inputs(), decoding,
+                          None if rng is None else jax.random.fold_in(rng, index))
             verdicts = self.grade(answers.pairs(batch.labels), answers.group_ids)
-            categories += [v for v, ok in zip(verdicts, batch.valid) if ok]
-        return batch_report(categories, prefix)
+            for row, (label, ok) in enumerate(zip(batch.labels, batch.valid)):
+                if ok:
+                    labels.append(label)
+                    mine = verdicts[row * best_of:(row + 1) * best_of]
+                    categories.append(best_of_n(mine)[0] if best_of > 1 else mine[0])
+        report = batch_report(categories, prefix)
+        if subsets is not None:
+            names = [subsets(label) for label in labels]
+            for name in sorted(set(names)):
+                chosen = [c for c, n in zip(categories, names) if n == name]
+                report.update(batch_report(chosen, f"{prefix}{name}/"))
+                report[f"{prefix}{name}/images"] = len(chosen)
+        return report
 
     # ---- the loop ----
 

@@ -66,13 +66,22 @@ def test_report_from_synthetic_results(tmp_path):
     results = [fake_result("speciarl", "grpo", s, hm, sp) for s, hm, sp in ((0, 0.5, 0.2), (1, 0.6, 0.3), (2, 0.7, 0.4))]
     results += [fake_result("reward3", "grpo", s, hm, 0.1) for s, hm in ((0, 0.30), (1, 0.30), (2, 0.30))]
     results += [fake_result("sft", "sft", s, 0.4, 0.25) for s in (0, 1, 2)]
-    results.insert(0, fake_result("warm", "warm", 0, 0.25, 0.05))
+    warm = fake_result("warm", "warm", 0, 0.25, 0.05)
+    warm["best_of"], warm["best_of_n"] = fake_result("warm", "warm", 0, 0.45, 0.3)["eval"], 64
+    warm["ideal"] = dict(fake_result("ideal", "ideal", 0, 0.67, 0.5, correctness=1.0)["eval"],
+                         **{"lookalike/share/less specific": 1.0, "lookalike/images": 95})
+    results.insert(0, warm)
+    results[1]["eval"].update({"lookalike/share/less specific": 0.5, "lookalike/tv_to_ideal": 0.5})
     paths = mini.write_report(results, str(tmp_path / "mini"), wall_s=330.0, settings=dict(
-        quick=False, warm_sft_steps=500, warm_sft_levels=[0.4, 0.45, 0.15], rl_steps=20, batch_size=8,
-        num_samples=8, eval_images=192, sft_steps=40, sft_batch_size=32))
+        quick=False, warm_fine_steps=1500, warm_mixed_steps=500, warm_sft_levels=[0.4, 0.45, 0.15], rl_steps=20,
+        batch_size=8, num_samples=8, eval_images=192, sft_steps=40, sft_batch_size=32, lookalike_classes=15))
     rows = {(r["method"], r["optimizer"]): r for r in paths["rows"]}
     assert [(r["method"], r["optimizer"]) for r in paths["rows"]] == [
-        ("speciarl", "grpo"), ("reward3", "grpo"), ("sft", "sft"), ("warm", "warm")]
+        ("speciarl", "grpo"), ("reward3", "grpo"), ("sft", "sft"), ("warm", "warm"), ("best_of", "warm"),
+        ("ideal", "ideal")]
+    assert rows[("best_of", "warm")]["model"] == "warm start, Best-of-64" and rows[("best_of", "warm")]["hm"] == 0.45
+    # one seed of three reports a look-alike share: a share a run does not report counts as 0
+    assert rows[("speciarl", "grpo")]["lookalike/share/less specific"] == pytest.approx(0.5 / 3)
     speciarl = rows[("speciarl", "grpo")]
     assert speciarl["n"] == 3 and speciarl["seeds"] == [0, 1, 2]
     assert speciarl["hm"] == pytest.approx(0.6)
@@ -93,6 +102,11 @@ def test_report_from_synthetic_results(tmp_path):
     assert "±" not in warm_line and "| 0.250 |" in warm_line
     assert "- GRPO: speciarl 0.600 > reward3 0.300" in md
     assert "this invocation took 5.5 min" in md
+    lookalike = md[md.index("## Look-alike images"):]
+    assert "95 images" in lookalike.splitlines()[0]
+    ideal_line = next(line for line in lookalike.splitlines() if line.startswith("| ideal policy"))
+    assert "| 100.0 |" in ideal_line  # less specific: every look-alike image answered with its family
+    assert "- GRPO: speciarl 0.500" in lookalike  # the distance to the ideal (one seed reports it)
     assert os.path.getsize(paths["png"]) > 10_000
     stored = json.load(open(paths["json"]))
     assert len(stored["runs"]) == 10 and stored["rows"][0]["hm"] == pytest.approx(0.6)
@@ -100,13 +114,20 @@ def test_report_from_synthetic_results(tmp_path):
 
 def test_plan_covers_the_comparison(tmp_path):
     runs = mini.plan(str(tmp_path))
-    assert runs[0].method == "warm" and runs[0].config.sft.enabled and runs[0].config.steps == 0
-    assert runs[0].config.model.tiny
+    fine, warm = runs[0].config, runs[1].config
+    assert runs[0].method == "warm_fine" and fine.sft.enabled and fine.steps == 0 and fine.model.tiny
+    assert tuple(fine.sft.levels) == (1.0, 0.0, 0.0)  # phase 1 learns to see
+    assert runs[1].method == "warm" and warm.model.path == os.path.join(runs[0].run_dir, "sft_model")
+    assert warm.sft.enabled and warm.steps == 0 and tuple(warm.sft.levels) == (0.4, 0.45, 0.15)
     rl = [r for r in runs if r.method in mini.METHODS]
     sft = [r for r in runs if r.method == "sft"]
-    assert len(rl) == 3 * 3 * 3 and len(sft) == 3 and len(runs) == 31
+    assert len(rl) == 3 * 3 * 3 and len(sft) == 3 and len(runs) == 32
     assert len({r.run_dir for r in runs}) == len(runs)
-    warm_model = os.path.join(runs[0].run_dir, "sft_model")
+    warm_model = os.path.join(runs[1].run_dir, "sft_model")
+    # half of the world's fine classes come in look-alike sets, the rest can be seen
+    world = mini._world(warm)
+    assert sum(world.is_lookalike(name) for name in world.class_names) == 15
+    assert c_source(warm) == c_source(fine) and warm.eval.source.lookalikes == mini.miniature.LOOKALIKES
     for r in rl + sft:
         c = r.config
         validate(c)
@@ -128,7 +149,28 @@ def test_plan_covers_the_comparison(tmp_path):
         assert c.sft.steps * c.sft.batch_size == rl[0].config.steps * rl[0].config.data.batch_size * \
             rl[0].config.rollout.num_samples
     quick = mini.plan(str(tmp_path), quick=True)
-    assert len(quick) == 1 + 3 + 1 and {r.optimizer for r in quick[1:4]} == {"grpo"}
+    assert len(quick) == 2 + 3 + 1 and {r.optimizer for r in quick[2:5]} == {"grpo"}
+
+
+def c_source(config):
+    return config.data.source.to_dict()
+
+
+def test_the_ideal_policy_by_hand():
+    """The ideal's report from the held-out labels alone: specific on perceivable images, less specific on
+    look-alike ones, and the distance of a report to it."""
+    config = mini.plan("/tmp/unused")[2].config
+    ideal = mini.ideal_report(config)
+    n_look, n_seen = ideal["lookalike/images"], ideal["perceivable/images"]
+    assert n_look + n_seen == config.eval.source.num_images and n_look > 0 and n_seen > 0
+    assert ideal["correctness"] == 1.0 and ideal["share/specific"] == pytest.approx(n_seen / (n_look + n_seen))
+    assert ideal["perceivable/share/specific"] == 1.0 and ideal["lookalike/share/less specific"] == 1.0
+    # a policy answering every image at the family level: half of the shares move, on the perceivable half
+    family_level = {"share/less specific": 1.0, "perceivable/share/less specific": 1.0,
+                    "lookalike/share/less specific": 1.0}
+    distance = mini.with_distance_to_ideal(family_level, ideal)
+    assert distance["perceivable/tv_to_ideal"] == 1.0 and distance["lookalike/tv_to_ideal"] == 0.0
+    assert distance["tv_to_ideal"] == pytest.approx(n_seen / (n_look + n_seen))
 
 
 def test_a_finished_run_is_skipped_and_a_changed_config_refused(tmp_path):
@@ -153,16 +195,22 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.exists(out / "warm" / "sft_model" / "config.json")
     stored = json.load(open(str(report) + ".json"))
-    assert [r["name"] for r in stored["runs"]] == ["warm", "speciarl_grpo_seed0", "reward3_grpo_seed0",
+    assert [r["name"] for r in stored["runs"]] == ["warm_fine", "warm", "speciarl_grpo_seed0", "reward3_grpo_seed0",
                                                    "scala1_grpo_seed0", "sft_seed0"]
+    warm = stored["runs"][1]
+    assert warm["best_of_n"] == 4 and warm["ideal"]["correctness"] == 1.0
+    assert warm["best_of"]["perceivable/images"] + warm["best_of"]["lookalike/images"] == 16
     for r in stored["runs"]:
         shares = sum(v for k, v in r["eval"].items() if k.startswith("share/"))
         assert shares == pytest.approx(1.0), r["name"]
         assert 0 <= r["eval"]["hm"] <= 1
-    for r in stored["runs"][1:4]:
+    for r in stored["runs"][2:5]:
         assert r["rl_steps_done"] == 2 and r["rl_steps_logged"] == 2
+        assert 0 <= r["eval"]["lookalike/tv_to_ideal"] <= 1
     assert os.path.getsize(str(report) + ".png") > 10_000
-    assert "| warm start | warm start | 1 |" in open(str(report) + ".md").read()
+    md = open(str(report) + ".md").read()
+    assert "| warm start | warm start | 1 |" in md and "| ideal policy | - | 1 |" in md
+    assert "## Perceivable images" in md and "| warm start, Best-of-4 | warm start | 1 |" in md
     # the compilation cache was written, and every run is now found finished
     assert os.listdir(out / "compile_cache")
     assert all(mini.load_result(run) is not None for run in mini.plan(str(out), quick=True))

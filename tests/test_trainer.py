@@ -446,3 +446,34 @@ def test_a_size_spelled_as_zero_is_refused_with_the_convention():
     for key in ("data.min_pixels 0", "data.image_size (0, 0)", "eval.num_examples 0"):
         assert f"{key}: not a size; leave it unset (None)" in str(err.value)
     validate(demo_config())  # the shipped config passes
+
+
+def test_evaluation_by_subset_and_best_of_n_from_the_verdicts_it_got(tmp_path, warm_model):
+    """Trainer.evaluate's subset reports and Best-of-N, recomputed by hand from every verdict the verifier gave."""
+    from speciarl_jax.rewards import categories as cat
+
+    config = rl_config(tmp_path, warm_model, **{"eval.enabled": True, "eval.source.num_images": 12,
+                                                 "eval.batch_size": 8})
+    trainer = make_trainer(config)
+    asked = []
+    real = trainer.grade
+    trainer.grade = lambda pairs, groups: asked.append((pairs, real(pairs, groups))) or asked[-1][1]
+    subset = lambda label: "circles" if label.endswith("circle") else "others"  # noqa: E731
+    rank = [cat.SPECIFIC, cat.MORE_SPECIFIC, cat.LESS_SPECIFIC, cat.GENERIC, cat.ABSTAIN, cat.WRONG,
+            cat.PARSE_FAILURE]
+
+    for best_of in (1, 4):
+        asked.clear()
+        report = trainer.evaluate("e/", subsets=subset, best_of=best_of)
+        pairs = [p for ps, _ in asked for p in ps]
+        verdicts = [v for _, vs in asked for v in vs]
+        assert len(pairs) == 16 * best_of  # two batches of 8 (the last padded), best_of answers each
+        per_image = [(pairs[i * best_of][0], min(verdicts[i * best_of:(i + 1) * best_of], key=rank.index))
+                     for i in range(12)]  # the 4 padding copies come last and are not counted
+        for name in ("circles", "others"):
+            mine = [c for label, c in per_image if subset(label) == name]
+            assert report[f"e/{name}/images"] == len(mine) > 0
+            assert report[f"e/{name}/share/specific"] == pytest.approx(mine.count(cat.SPECIFIC) / len(mine))
+            assert report[f"e/{name}/share/wrong"] == pytest.approx(mine.count(cat.WRONG) / len(mine))
+        assert report["e/share/less specific"] == pytest.approx(
+            sum(c == cat.LESS_SPECIFIC for _, c in per_image) / 12)
