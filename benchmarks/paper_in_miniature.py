@@ -414,7 +414,8 @@ def aggregate(results: list[dict]) -> list[dict]:
         if "best_of" in r:
             groups.setdefault(("best_of", "warm"), []).append(dict(r, eval=r["best_of"]))
         if "ideal" in r:
-            groups.setdefault(("ideal", "ideal"), []).append(dict(r, eval=r["ideal"], wall_s=0.0))
+            ideal = with_distance_to_ideal(r["ideal"], r["ideal"])  # 0 by definition, shown in its column
+            groups.setdefault(("ideal", "ideal"), []).append(dict(r, eval=ideal, wall_s=0.0))
     rows = []
     for key in sorted(groups, key=lambda k: order.index(k) if k in order else len(order)):
         members = sorted(groups[key], key=lambda r: r["seed"])
