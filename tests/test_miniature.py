@@ -118,6 +118,7 @@ def test_plan_covers_the_comparison(tmp_path):
     assert runs[0].method == "warm_fine" and fine.sft.enabled and fine.steps == 0 and fine.model.tiny
     assert tuple(fine.sft.levels) == (1.0, 0.0, 0.0)  # phase 1 learns to see
     assert runs[1].method == "warm" and warm.model.path == os.path.join(runs[0].run_dir, "sft_model")
+    assert runs[1].best_of == 64 and not any(r.best_of for r in runs if r is not runs[1])
     assert warm.sft.enabled and warm.steps == 0 and tuple(warm.sft.levels) == (0.4, 0.45, 0.15)
     rl = [r for r in runs if r.method in mini.METHODS]
     sft = [r for r in runs if r.method == "sft"]
